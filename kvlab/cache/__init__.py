@@ -1,0 +1,4 @@
+"""KV caches: the interface the model talks to, and its implementations."""
+from kvlab.cache.base import KVCache, NoCache, causal_attention
+
+__all__ = ["KVCache", "NoCache", "causal_attention"]

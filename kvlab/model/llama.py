@@ -1,0 +1,102 @@
+"""A Llama-family decoder, written to be read (nanoGPT-style, one file).
+
+Shapes use B = batch, T = new tokens in this forward pass, H = query heads, Hkv = key/value heads,
+D = head dim. Keys and values go through a KV cache object (kvlab.cache.base); with no cache the
+model recomputes attention over exactly the tokens it is given.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kvlab.cache.base import KVCache, NoCache
+from kvlab.model.config import LlamaConfig
+from kvlab.model.layers import RMSNorm, SwiGLU, apply_rope, rope_cos_sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer: int):
+        super().__init__()
+        self.layer, self.cfg = layer, cfg
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache):
+        B, T, _ = x.shape
+        c = self.cfg
+        q = self.q_proj(x).view(B, T, c.num_heads, c.head_dim)
+        k = self.k_proj(x).view(B, T, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x).view(B, T, c.num_kv_heads, c.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = cache.attend(self.layer, q, k, v)  # [B, T, H, D]
+        return self.o_proj(out.reshape(B, T, c.num_heads * c.head_dim))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, logit_indices: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab] (or fewer rows, see below).
+
+        positions: [B, T] absolute positions for RoPE; defaults to 0..T-1 shifted by the cache's
+        `position_offset` attribute when it has one. cache: where keys and values live (None =
+        recompute, no memory). last_only: logits for the last position only, [B, 1, vocab].
+        logit_indices: indices into the flattened B*T tokens; returns [len(indices), vocab].
+        Computing the vocabulary projection only where it is needed saves a large matmul.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        cfg = self.config
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
+            raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size}), got "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        cache = NoCache() if cache is None else cache
+        if positions is None:
+            offset = getattr(cache, "position_offset", 0)
+            positions = torch.arange(T, device=input_ids.device).unsqueeze(0) + offset
+            positions = positions.expand(B, T)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype=self.dtype)
+        x = self.embed_tokens(input_ids)
+        for block in self.layers:
+            x = block(x, cos, sin, cache)
+        cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
+        elif logit_indices is not None:
+            x = x.reshape(B * T, -1)[logit_indices]
+        return self.lm_head(self.norm(x)).float()
