@@ -1,0 +1,55 @@
+"""Shared fixtures. Triton runs in its CPU interpreter unless a GPU run is asked for (--gpu)."""
+import os
+
+import pytest
+
+if "--gpu" not in os.sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before any kernel is defined
+os.environ.setdefault("KVLAB_SMOKE", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--gpu", action="store_true", default=False, help="run the GPU tests on CUDA")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--gpu"):
+        return
+    skip = pytest.mark.skip(reason="GPU test: run with --gpu on a CUDA machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """(model, tokenizer): SmolLM2-135M-Instruct, float32, CPU. Loaded once per test session."""
+    import kvlab
+
+    model, tok = kvlab.load_model()
+    return model, tok
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from kvlab.model.config import LlamaConfig
+
+    return LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                       num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
+                       max_position_embeddings=512)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_config):
+    """A small random-weight Llama (GQA 4/2) for fast tests of everything around the model."""
+    from kvlab.model.llama import Llama
+
+    torch.manual_seed(0)
+    model = Llama(tiny_config).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2) if p.dim() > 1 else torch.nn.init.ones_(p)
+    return model
