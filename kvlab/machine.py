@@ -84,7 +84,8 @@ def describe(info: dict | None = None) -> str:
     i = machine_info() if info is None else info
     gpu = f"{i['gpu']} ({i['gpu_memory_gib']} GiB)" if i["gpu"] else "none (CPU only)"
     if i["triton_available"]:
-        triton = f"{i['triton']}" + (" (CPU interpreter: TRITON_INTERPRET=1)" if i["triton_interpret"] else "")
+        interp = " (CPU interpreter: TRITON_INTERPRET=1)" if i["triton_interpret"] else ""
+        triton = f"{i['triton']}{interp}"
     else:
         triton = f"not importable ({i['triton_error']}); chapter 10's kernels will be skipped"
     return "\n".join([
