@@ -1,0 +1,147 @@
+"""The block manager's bookkeeping, without prefix caching: unit tests and a hypothesis state
+machine that runs random allocate / append / deallocate workloads and checks after every step
+that reference counts match the block tables, no block is free and held at once, and that
+everything is free at the end."""
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from kvlab.engine.block_manager import BlockManager
+
+
+@dataclass
+class FakeSeq:
+    """The smallest object the block manager accepts (the real one is kvlab.engine.sequence)."""
+    seq_id: int
+    token_ids: list
+    block_table: list = field(default_factory=list)
+    num_cached_tokens: int = 0
+    cache_salt: str | None = None
+
+    def __len__(self):
+        return len(self.token_ids)
+
+
+def check_consistent(bm: BlockManager, seqs):
+    """Reference counts equal the number of block tables pointing at each block; the free queue
+    holds exactly the unreferenced blocks, each once."""
+    counts = [0] * bm.num_blocks
+    for s in seqs:
+        assert len(s.block_table) == bm.num_blocks_for(len(s)) or not s.block_table
+        for b in s.block_table:
+            counts[b] += 1
+    assert [b.ref_count for b in bm.blocks] == counts
+    free = list(bm.free_queue)
+    assert len(free) == len(set(free)) == bm.num_free_blocks
+    assert set(free) == {i for i, c in enumerate(counts) if c == 0}
+
+
+def test_allocate_append_deallocate():
+    bm = BlockManager(num_blocks=4, block_size=4, enable_prefix_caching=False)
+    s = FakeSeq(0, list(range(5)))                 # 5 tokens -> 2 blocks
+    assert bm.can_allocate(s)
+    bm.allocate(s)
+    assert s.block_table == [0, 1] and bm.num_free_blocks == 2 and bm.usage() == 0.5
+    for t in range(3):                             # tokens 6..8 fit in block 1
+        s.token_ids.append(t)
+        assert bm.can_append(s)
+        bm.may_append(s)
+    assert len(s.block_table) == 2
+    s.token_ids.append(9)                          # token 9 opens block 3
+    bm.may_append(s)
+    assert s.block_table == [0, 1, 2]
+    bm.deallocate(s)
+    assert s.block_table == [] and bm.num_free_blocks == 4 and bm.usage() == 0.0
+    # freed last block first, so block 2 is handed out last among the freed ones
+    assert list(bm.free_queue) == [3, 2, 1, 0]
+
+
+def test_out_of_blocks_is_refused():
+    bm = BlockManager(num_blocks=2, block_size=4, enable_prefix_caching=False)
+    big = FakeSeq(0, list(range(9)))               # needs 3 blocks
+    assert not bm.can_allocate(big)
+    with pytest.raises(RuntimeError, match="can_allocate"):
+        bm.allocate(big)
+    assert bm.num_free_blocks == 2                 # nothing leaked by the refusal
+    s = FakeSeq(1, list(range(8)))
+    bm.allocate(s)
+    s.token_ids.append(0)
+    assert not bm.can_append(s)
+    with pytest.raises(RuntimeError, match="can_append"):
+        bm.may_append(s)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="block_size"):
+        BlockManager(8, 12)
+    with pytest.raises(ValueError, match="num_blocks"):
+        BlockManager(0, 16)
+    bm = BlockManager(4, 4)
+    s = FakeSeq(0, [1, 2])
+    bm.allocate(s)
+    with pytest.raises(ValueError, match="deallocate"):
+        bm.allocate(s)
+    with pytest.raises(ValueError, match="empty"):
+        bm.allocate(FakeSeq(1, []))
+
+
+class BlockManagerMachine(RuleBasedStateMachine):
+    """Random workloads against a small pool; the scheduler's rules (admit only if can_allocate,
+    preempt when can_append fails) are played by the rules' preconditions."""
+
+    @initialize(num_blocks=st.integers(1, 12), block_size=st.sampled_from([1, 2, 4, 8]))
+    def setup(self, num_blocks, block_size):
+        self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
+        self.running: list[FakeSeq] = []
+        self.next_id = 0
+
+    @rule(n=st.integers(1, 40))
+    def admit(self, n):
+        s = FakeSeq(self.next_id, list(range(n)))
+        self.next_id += 1
+        if self.bm.can_allocate(s):
+            self.bm.allocate(s)
+            assert len(s.block_table) == self.bm.num_blocks_for(n)
+            assert s.num_cached_tokens == 0
+            self.running.append(s)
+        else:
+            assert self.bm.num_blocks_for(n) > self.bm.num_free_blocks
+
+    @precondition(lambda self: self.running)
+    @rule(i=st.integers(0, 100))
+    def decode(self, i):
+        s = self.running[i % len(self.running)]
+        s.token_ids.append(7)
+        while not self.bm.can_append(s):           # preempt the newest other sequence, or self
+            victim = self.running.pop()
+            self.bm.deallocate(victim)
+            if victim is s:
+                return
+        self.bm.may_append(s)
+
+    @precondition(lambda self: self.running)
+    @rule(i=st.integers(0, 100))
+    def finish(self, i):
+        s = self.running.pop(i % len(self.running))
+        self.bm.deallocate(s)
+        assert s.block_table == []
+
+    @invariant()
+    def consistent(self):
+        if hasattr(self, "bm"):
+            check_consistent(self.bm, self.running)
+
+    def teardown(self):
+        if not hasattr(self, "bm"):
+            return
+        for s in self.running:
+            self.bm.deallocate(s)
+        assert self.bm.num_free_blocks == self.bm.num_blocks
+        assert all(b.ref_count == 0 for b in self.bm.blocks)
+
+
+TestBlockManagerMachine = BlockManagerMachine.TestCase
+TestBlockManagerMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
