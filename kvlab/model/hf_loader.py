@@ -17,8 +17,18 @@ def config_from_hf(folder: str) -> LlamaConfig:
         raise FileNotFoundError(f"no config.json in {folder}: expected a Hugging Face model folder")
     with open(path) as f:
         c = json.load(f)
-    if c.get("model_type") not in ("llama", "mistral", "qwen2"):
-        raise ValueError(f"{path}: model_type is {c.get('model_type')!r}; kvlab loads Llama-family models")
+    if c.get("model_type") not in ("llama", "mistral"):
+        raise ValueError(f"{path}: model_type is {c.get('model_type')!r}; kvlab loads Llama-family models "
+                         "('llama', 'mistral')")
+    if c.get("attention_bias") or c.get("mlp_bias"):
+        raise ValueError(f"{path}: attention_bias/mlp_bias are set; kvlab's Llama has no bias terms")
+    # transformers >= 5 writes {"rope_parameters": {"rope_theta": ..., "rope_type": ...}}; older
+    # versions write "rope_theta" and "rope_scaling" at the top level.
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"{path}: rope_type {rope.get('rope_type', rope.get('type'))!r} is not supported; "
+                         "kvlab implements plain RoPE (rope_type 'default')")
+    rope_theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
     heads = c["num_attention_heads"]
     eos = c.get("eos_token_id")
     return LlamaConfig(
@@ -26,7 +36,7 @@ def config_from_hf(folder: str) -> LlamaConfig:
         intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"],
         num_heads=heads, num_kv_heads=c.get("num_key_value_heads", heads),
         head_dim=c.get("head_dim") or c["hidden_size"] // heads,
-        rope_theta=float(c.get("rope_theta", 10000.0)), rms_norm_eps=float(c.get("rms_norm_eps", 1e-5)),
+        rope_theta=float(rope_theta), rms_norm_eps=float(c.get("rms_norm_eps", 1e-5)),
         max_position_embeddings=c.get("max_position_embeddings", 2048),
         tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
         bos_token_id=c.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos,
