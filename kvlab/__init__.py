@@ -12,6 +12,10 @@ _EXPORTS = {
     "default_model_path": "kvlab.model.load",
     "Llama": "kvlab.model.llama",
     "LlamaConfig": "kvlab.model.config",
+    "LLM": "kvlab.engine.llm",
+    "SamplingParams": "kvlab.engine.sampling",
+    "generate": "kvlab.generate",
+    "generate_batch": "kvlab.generate",
 }
 
 
