@@ -1,0 +1,57 @@
+"""Paged attention on the Triton kernels of kvlab/kernels/, with the signatures of paged_torch.
+
+    reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)                 cache write
+    paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+    paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
+
+Quantized caches (int8, float8_e4m3fn) take two extra keyword arguments, `k_scale` and `v_scale`
+(docs/architecture.md, section 4); for a model-dtype cache they stay None.
+
+Decode uses version 3 (split-K with fused dequantization). Prefill over cached prefix blocks
+reuses the same kernel: query i of sequence s, at absolute position context_len - q_len + i, is a
+decode query whose own context is that position + 1 tokens of s's block table. Each packed token
+becomes one row of a per-token block table and length, and one launch serves the whole packed
+batch. That is exact and reads each K/V tile once per query token and KV head, which is fine for
+the chunk sizes this engine schedules; a prefill kernel tiled over queries as well (FlashAttention
+style) would read each tile once per query *tile* and is the next step for long prompts.
+"""
+from __future__ import annotations
+
+import torch
+
+from kvlab.kernels._checks import check_tensor
+from kvlab.kernels.decode_attention_v3 import paged_decode_attention_v3
+from kvlab.kernels.reshape_and_cache import reshape_and_cache as _reshape_and_cache
+
+
+def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
+    """Write k, v [N, Hkv, D] into the slots `slot_mapping` [N] int64 (< 0: skipped)."""
+    _reshape_and_cache(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping,
+                       k_scale, v_scale)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
+                           k_scale=None, v_scale=None) -> torch.Tensor:
+    """One query per sequence, q [S, Hq, D] -> [S, Hq, D]."""
+    return paged_decode_attention_v3(q.contiguous(), k_cache, v_cache, block_tables,
+                                     context_lens, scale, k_scale=k_scale, v_scale=v_scale)
+
+
+def paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens,
+                            scale, k_scale=None, v_scale=None) -> torch.Tensor:
+    """Packed queries q [N, Hq, D]; sequence s owns rows query_start_loc[s]:query_start_loc[s+1],
+    the last q_len positions of its context_lens[s] tokens -> [N, Hq, D]."""
+    N = q.shape[0]
+    S = context_lens.shape[0]
+    check_tensor("query_start_loc", query_start_loc, dtypes=(torch.int32,), ndim=1,
+                 shape=(S + 1,), device=q.device)
+    check_tensor("context_lens", context_lens, dtypes=(torch.int32,), ndim=1, device=q.device)
+    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
+    seq = torch.repeat_interleave(torch.arange(S, device=q.device), q_lens, output_size=N)
+    idx = torch.arange(N, device=q.device)
+    first = (context_lens.long() - q_lens)[seq]                 # absolute position of row 0
+    pos = first + idx - query_start_loc[:-1].long()[seq]
+    tok_ctx = (pos + 1).to(torch.int32)
+    tok_tables = block_tables[seq].contiguous()
+    return paged_decode_attention_v3(q.contiguous(), k_cache, v_cache, tok_tables, tok_ctx,
+                                     scale, k_scale=k_scale, v_scale=v_scale)

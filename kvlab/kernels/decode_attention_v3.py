@@ -1,0 +1,161 @@
+"""Paged decode attention, version 3: split-K ("flash-decoding") with fused dequantization.
+
+Version 2 runs S * Hkv programs; at small batch that leaves most of a GPU idle while a few
+programs walk a long context. Flash-decoding (Dao, Haziza, Massa & Sizov, 2023, "Flash-Decoding
+for long-context inference") also splits the *context*: program (s, g, p) handles tokens
+[p * PART, (p + 1) * PART) exactly like version 2 and writes its partial result
+
+    o_p = acc_p / l_p   [BLOCK_G, D]      and      lse_p = m_p + log2(l_p)   (base 2)
+
+A second, tiny kernel merges the partitions of each (sequence, query head): with M = max_p lse_p,
+
+    out = sum_p 2^(lse_p - M) * o_p  /  sum_p 2^(lse_p - M)
+
+which is exact: 2^lse_p is partition p's softmax denominator, so the weights restore the global
+softmax. Partitions past a sequence's context write lse = -inf and weigh nothing.
+
+Fused dequantization: decode is bound by the bytes it reads (docs: chapter 10's roofline), so a
+cache stored in 8 bits halves its time only if the kernel reads the 8-bit values directly. The
+tile is converted in registers, and the scales are folded where they cost least:
+  int8  (per token, per KV head float16 scale): scores = (Q @ K_int^T) * k_scale[token], and V's scale
+        multiplies the probabilities before P @ V_int. Integers up to 127 are exact in bf16/fp16.
+  fp8   (per tensor or per KV head scale): scores *= k_scale[kvh]; the output *= v_scale[kvh].
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvlab.kernels._checks import next_pow2
+from kvlab.kernels.decode_attention_v1 import LOG2E, check_decode_args
+from kvlab.kernels.reshape_and_cache import FMT_FLOAT, FMT_INT8, cache_format, check_scales
+
+
+@triton.jit
+def _decode_v3_partition_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr,
+                                po_ptr, plse_ptr, qk_scale, max_blocks, num_parts,
+                                stride_cb, stride_ct, stride_sb, stride_st,
+                                GROUP: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr,
+                                BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
+                                BLOCK_N: tl.constexpr, PART: tl.constexpr, FMT: tl.constexpr,
+                                SCALE_STRIDE_H: tl.constexpr, PRECISION: tl.constexpr):
+    s = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    part = tl.program_id(2)
+    ctx = tl.load(ctx_ptr + s)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, D)
+    n = tl.arange(0, BLOCK_N)
+    gmask = g < GROUP
+    hq = kvh * GROUP + g
+    q = tl.load(q_ptr + (s * Hkv * GROUP + hq)[:, None] * D + d[None, :], mask=gmask[:, None],
+                other=0.0)
+    dot_ty = q.dtype
+    if FMT == 2:  # fp8: one K scale per KV head (stride 0: per tensor) folds into the score scale
+        qk_scale = qk_scale * tl.load(ks_ptr + kvh * SCALE_STRIDE_H)
+
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    end = tl.minimum(ctx, (part + 1) * PART)
+    for start in range(part * PART, end, BLOCK_N):
+        pos = start + n
+        valid = pos < end
+        blk = tl.load(bt_ptr + s * max_blocks + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        tok = blk * BLOCK_SIZE + pos % BLOCK_SIZE                 # flat slot of each token
+        row = blk * stride_cb + (pos % BLOCK_SIZE) * stride_ct + kvh * D
+        k = tl.load(kc_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k.to(dot_ty)), input_precision=PRECISION) * qk_scale
+        if FMT == 1:
+            k_sc = tl.load(ks_ptr + tok * Hkv + kvh, mask=valid, other=0.0).to(tl.float32)
+            scores = scores * k_sc[None, :]
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        v = tl.load(vc_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        if FMT == 1:
+            v_sc = tl.load(vs_ptr + tok * Hkv + kvh, mask=valid, other=0.0).to(tl.float32)
+            p = p * v_sc[None, :]
+        acc = acc * alpha[:, None] + tl.dot(p.to(dot_ty), v.to(dot_ty), input_precision=PRECISION)
+        m = m_new
+    if FMT == 2:
+        # V's scale is the same for every token of the head: scale the sum once, at the end.
+        acc = acc * tl.load(vs_ptr + kvh * SCALE_STRIDE_H)
+    o = acc / tl.where(l > 0, l, 1.0)[:, None]
+    lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
+    base = (s * Hkv * GROUP + hq) * num_parts + part              # partials [S, Hq, P, D]
+    tl.store(po_ptr + base[:, None] * D + d[None, :], o, mask=gmask[:, None])
+    tl.store(plse_ptr + base, lse, mask=gmask)
+
+
+@triton.jit
+def _decode_v3_reduce_kernel(po_ptr, plse_ptr, out_ptr, num_parts,
+                             D: tl.constexpr, BLOCK_P: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)                           # one (sequence, query head)
+    p = tl.arange(0, BLOCK_P)
+    d = tl.arange(0, D)
+    pmask = p < num_parts
+    lse = tl.load(plse_ptr + row * num_parts + p, mask=pmask, other=float("-inf"))
+    mx = tl.max(lse, axis=0)
+    w = tl.exp2(lse - mx)                                         # 0 for empty partitions
+    o = tl.load(po_ptr + (row * num_parts + p)[:, None] * D + d[None, :], mask=pmask[:, None],
+                other=0.0)
+    out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def choose_partition(S: int, Hkv: int, max_ctx: int, block_n: int, device) -> int:
+    """Tokens per partition: enough partitions that S * Hkv * P fills the GPU about 4 times over,
+    but never a partition shorter than 4 tiles (each one costs a partial write and a reduce)."""
+    tiles = max(1, triton.cdiv(max_ctx, block_n))
+    want = max(1, triton.cdiv(4 * _num_sms(device), S * Hkv))
+    parts = max(1, min(want, triton.cdiv(tiles, 4)))
+    return triton.cdiv(tiles, parts) * block_n
+
+
+def paged_decode_attention_v3(q, k_cache, v_cache, block_tables, context_lens, scale,
+                              k_scale=None, v_scale=None, out=None, partition_size=None,
+                              block_n=64, num_warps=4, num_stages=2):
+    """q [S, Hq, D]; caches [NB, BS, Hkv, D] in q's dtype, int8 or float8_e4m3fn (then with
+    k_scale/v_scale as in docs/architecture.md section 4) -> [S, Hq, D] in q's dtype.
+
+    The grid is sized from block_tables.shape[1] * BS (an upper bound on the context that needs
+    no device-to-host sync); `partition_size` (a multiple of block_n) overrides the heuristic.
+    """
+    fmt = cache_format(k_cache)
+    S, Hq, Hkv, D, BS = check_decode_args(q, k_cache, v_cache, block_tables, context_lens,
+                                          float_cache=fmt == FMT_FLOAT)
+    per_head = check_scales(fmt, k_cache, k_scale, v_scale)
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    out = torch.empty_like(q) if out is None else out
+    if S == 0:
+        return out
+    max_ctx = block_tables.shape[1] * BS
+    part = partition_size or choose_partition(S, Hkv, max_ctx, block_n, q.device)
+    if part % block_n:
+        raise ValueError(f"partition_size ({part}) must be a multiple of block_n ({block_n})")
+    P = max(1, triton.cdiv(max_ctx, part))
+    po = torch.empty(S, Hq, P, D, device=q.device, dtype=torch.float32)
+    plse = torch.empty(S, Hq, P, device=q.device, dtype=torch.float32)
+    qk_scale = scale * LOG2E
+    dummy = context_lens
+    _decode_v3_partition_kernel[(S, Hkv, P)](
+        q, k_cache, v_cache, k_scale if k_scale is not None else dummy,
+        v_scale if v_scale is not None else dummy, block_tables, context_lens, po, plse,
+        qk_scale, block_tables.shape[1], P, k_cache.stride(0), k_cache.stride(1),
+        BS * Hkv, Hkv, GROUP=Hq // Hkv, Hkv=Hkv, D=D, BLOCK_SIZE=BS,
+        BLOCK_G=max(16, next_pow2(Hq // Hkv)), BLOCK_N=block_n, PART=part, FMT=fmt,
+        SCALE_STRIDE_H=per_head, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages)
+    _decode_v3_reduce_kernel[(S * Hq,)](po, plse, out, P, D=D, BLOCK_P=next_pow2(P))
+    return out

@@ -1,0 +1,145 @@
+"""The cache write: scatter this step's new K and V rows into their paged slots, quantizing on the way.
+
+One program per new token n. It reads k[n] and v[n] ([Hkv, D], one contiguous row each), and writes
+them to slot `slot_mapping[n]`, i.e. block `slot // block_size`, offset `slot % block_size`, of the
+caches [num_blocks, block_size, Hkv, D]. Because the cache is token-major inside a block, that is
+one contiguous store of Hkv * D elements: the write is as cheap as a copy. Slots < 0 are padding
+and nothing is written (vLLM's convention; Kwon et al., 2023, "Efficient Memory Management for
+Large Language Model Serving with PagedAttention").
+
+Formats (docs/architecture.md, section 4), picked by the cache dtype:
+  model dtype        plain cast
+  int8               symmetric per (token, KV head), as kvlab.quant.int8: scale = amax / 127 (at
+                     least float16's smallest normal), rounded *up* to float16 and stored in
+                     k_scale/v_scale float16 [NB, BS, Hkv]; q = round(x / scale) in -127..127
+  float8_e4m3fn      x / scale with a fixed per-tensor [] or per-KV-head [Hkv] scale, saturated to
+                     +-448 and rounded to nearest even by the hardware conversion
+
+Rounding: `round` must be round-half-to-even to match torch.round bit for bit. Triton has no
+portable rint, so we use the classic trick: for |x| < 2**22, (x + 1.5 * 2**23) - 1.5 * 2**23 rounds
+x to the nearest integer, ties to even, because the sum has no bits left below the units place.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvlab.kernels._checks import FLOAT_DTYPES, check_head_dim, check_tensor, next_pow2
+
+FMT_FLOAT, FMT_INT8, FMT_FP8 = 0, 1, 2
+_RINT_MAGIC = 12582912.0  # 1.5 * 2**23
+
+
+@triton.jit
+def _rint(x):
+    return (x + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _quantize_store(x, cache_ptr, scale_ptr, dst, sdst, h, mask, hmask,
+                    FMT: tl.constexpr, SCALE_STRIDE_H: tl.constexpr):
+    """Quantize one token's [BLOCK_H, BLOCK_D] rows and store them (and their scales)."""
+    if FMT == 0:
+        tl.store(cache_ptr + dst, x.to(cache_ptr.dtype.element_ty), mask=mask)
+    elif FMT == 1:
+        amax = tl.max(tl.abs(x), axis=1)[:, None]             # [BLOCK_H, 1]
+        scale = tl.maximum(amax / 127.0, 6.103515625e-05)     # float16's smallest normal
+        s16 = scale.to(tl.float16)                            # round to nearest, then up if below
+        bumped = (s16.to(tl.int16, bitcast=True) + 1).to(tl.float16, bitcast=True)
+        s16 = tl.where(s16.to(tl.float32) < scale, bumped, s16)
+        q = _rint(x / s16.to(tl.float32))
+        q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+        tl.store(cache_ptr + dst, q.to(tl.int8), mask=mask)
+        tl.store(scale_ptr + sdst, s16, mask=hmask)
+    else:
+        s = tl.load(scale_ptr + h * SCALE_STRIDE_H, mask=hmask, other=1.0)  # stride 0: per tensor
+        y = x / s
+        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        tl.store(cache_ptr + dst, y.to(tl.float8e4nv), mask=mask)
+
+
+@triton.jit
+def _reshape_and_cache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
+                              H, stride_cb, stride_ct, stride_sb, stride_st,
+                              BLOCK_SIZE: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr,
+                              FMT: tl.constexpr, SCALE_STRIDE_H: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + n)
+    blk = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, D)[None, :]
+    hmask = (h < H) & ((h * 0 + slot) >= 0)                      # slot < 0: padding, skip
+    mask = hmask & (d < D)
+    src = n * H * D + h * D + d                                  # k, v are contiguous [N, H, D]
+    dst = blk * stride_cb + off * stride_ct + h * D + d
+    sdst = blk * stride_sb + off * stride_st + h                 # int8 scales [NB, BS, H]
+    k = tl.load(k_ptr + src, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + src, mask=mask, other=0.0).to(tl.float32)
+    _quantize_store(k, kc_ptr, ks_ptr, dst, sdst, h, mask, hmask, FMT, SCALE_STRIDE_H)
+    _quantize_store(v, vc_ptr, vs_ptr, dst, sdst, h, mask, hmask, FMT, SCALE_STRIDE_H)
+
+
+def cache_format(cache: torch.Tensor) -> int:
+    """FMT_FLOAT, FMT_INT8 or FMT_FP8 from the cache dtype (a ValueError for anything else)."""
+    if cache.dtype in FLOAT_DTYPES:
+        return FMT_FLOAT
+    if cache.dtype == torch.int8:
+        return FMT_INT8
+    if cache.dtype == torch.float8_e4m3fn:
+        return FMT_FP8
+    raise ValueError(f"k_cache dtype {cache.dtype} is not a supported cache format "
+                     "(float32/float16/bfloat16, int8, float8_e4m3fn)")
+
+
+def check_scales(fmt: int, k_cache, k_scale, v_scale) -> int:
+    """Validate the scale tensors for a cache format; returns the per-head stride for fp8 (0 or 1)."""
+    NB, BS, H, _ = k_cache.shape
+    if fmt == FMT_FLOAT:
+        if k_scale is not None or v_scale is not None:
+            raise ValueError("k_scale/v_scale are only for int8 and fp8 caches")
+        return 0
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if s is None:
+            raise ValueError(f"{name} is required for a {k_cache.dtype} cache")
+        want = torch.float16 if fmt == FMT_INT8 else torch.float32
+        check_tensor(name, s, dtypes=(want,), device=k_cache.device)
+        if fmt == FMT_INT8 and tuple(s.shape) != (NB, BS, H):
+            raise ValueError(f"{name} must have shape {(NB, BS, H)} (per token, per KV head), "
+                             f"got {tuple(s.shape)}")
+        if fmt == FMT_FP8 and tuple(s.shape) not in ((), (H,)):
+            raise ValueError(f"{name} must be a scalar or have shape ({H},), got {tuple(s.shape)}")
+    if fmt == FMT_FP8 and k_scale.shape != v_scale.shape:
+        raise ValueError("k_scale and v_scale must have the same shape")
+    return 1 if (fmt == FMT_FP8 and k_scale.dim() == 1) else 0
+
+
+def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                      k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None) -> None:
+    """Write k, v [N, Hkv, D] into slots `slot_mapping` [N] (int64) of [NB, BS, Hkv, D] caches.
+
+    For an int8 cache, k_scale/v_scale [NB, BS, Hkv] float16 are written too; for fp8 they are
+    read (per tensor [] or per KV head [Hkv]).
+    """
+    check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=3)
+    N, H, D = k.shape
+    check_head_dim(D)
+    check_tensor("v", v, dtypes=(k.dtype,), shape=(N, H, D), device=k.device)
+    check_tensor("k_cache", k_cache, ndim=4, device=k.device)
+    NB, BS, _, _ = k_cache.shape
+    check_tensor("k_cache", k_cache, shape=(NB, BS, H, D))
+    check_tensor("v_cache", v_cache, dtypes=(k_cache.dtype,), shape=(NB, BS, H, D), device=k.device)
+    check_tensor("slot_mapping", slot_mapping, dtypes=(torch.int64,), shape=(N,), device=k.device)
+    fmt = cache_format(k_cache)
+    per_head = check_scales(fmt, k_cache, k_scale, v_scale)
+    if N == 0:
+        return
+    dummy = k_cache  # a pointer for the unused scale arguments
+    _reshape_and_cache_kernel[(N,)](
+        k, v, k_cache, v_cache,
+        k_scale if k_scale is not None else dummy, v_scale if v_scale is not None else dummy,
+        slot_mapping, H, k_cache.stride(0), k_cache.stride(1),
+        BS * H, H, BLOCK_SIZE=BS, D=D, BLOCK_H=next_pow2(H), FMT=fmt, SCALE_STRIDE_H=per_head)

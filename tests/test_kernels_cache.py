@@ -1,0 +1,129 @@
+"""The cache-write kernel (reshape_and_cache) and the fused-dequantization decode (v3, int8/fp8).
+
+The write must produce exactly what the PyTorch quantizers of kvlab.quant produce: bit for bit for
+int8 (codes and float16 scales), and for fp8 exactly on a GPU. Triton's CPU interpreter has a known
+flaw in float -> fp8 casts: when rounding carries into the exponent (x just below a power of two)
+or lands among the subnormals it returns a smaller value (half of it for normal numbers). Under the interpreter those elements may
+be off by up to half their value; every other element must still match exactly.
+"""
+import pytest
+import torch
+from _paged_helpers import DEVICE, random_paged, reference_decode, rel_err, scale_for
+
+from kvlab.kernels.decode_attention_v3 import paged_decode_attention_v3
+from kvlab.kernels.reshape_and_cache import reshape_and_cache
+
+_fp8 = pytest.importorskip("kvlab.quant.fp8")
+_int8 = pytest.importorskip("kvlab.quant.int8")
+quantize_fp8, dequantize_fp8 = _fp8.quantize_fp8, _fp8.dequantize_fp8
+quantize_int8, dequantize_int8 = _int8.quantize_int8, _int8.dequantize_int8
+
+NB, BS = 6, 16
+
+
+def new_tokens(N, Hkv, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(N, Hkv, D, generator=g) * torch.rand(N, Hkv, 1, generator=g) * 4
+    v = torch.randn(N, Hkv, D, generator=g)
+    k[0, 0] = 0.0                                                 # an all-zero row: smallest scale
+    slots = torch.randperm(NB * BS, generator=g)[:N]
+    slots[1] = -1                                                 # padding: must not be written
+    return k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_write_float(dtype):
+    k, v, slots = new_tokens(10, 3, 64)
+    k, v = k.to(dtype), v.to(dtype)
+    kc = torch.full((NB, BS, 3, 64), float("nan"), device=DEVICE, dtype=dtype)
+    vc = kc.clone()
+    reshape_and_cache(k, v, kc, vc, slots)
+    keep = slots >= 0
+    assert torch.equal(kc.view(-1, 3, 64)[slots[keep]], k[keep])
+    assert torch.equal(vc.view(-1, 3, 64)[slots[keep]], v[keep])
+    assert int((~torch.isnan(kc.view(-1, 3, 64)[:, 0, 0])).sum()) == int(keep.sum())
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_write_int8_bit_identical(D):
+    k, v, slots = new_tokens(12, 2, D, seed=D)
+    kc = torch.zeros(NB, BS, 2, D, device=DEVICE, dtype=torch.int8)
+    vc = kc.clone()
+    ks = torch.full((NB, BS, 2), float("nan"), device=DEVICE, dtype=torch.float16)
+    vs = ks.clone()
+    reshape_and_cache(k, v, kc, vc, slots, ks, vs)
+    keep = slots >= 0
+    for x, c, s in ((k, kc, ks), (v, vc, vs)):
+        q_ref, s_ref = quantize_int8(x[keep])
+        assert torch.equal(c.view(-1, 2, D)[slots[keep]], q_ref)
+        assert torch.equal(s.view(-1, 2)[slots[keep]], s_ref)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_write_fp8_within_one_step(per_head):
+    k, v, slots = new_tokens(12, 2, 64, seed=5)
+    scale = (torch.tensor([0.02, 0.05]) if per_head else torch.tensor(0.03)).to(DEVICE)
+    kc = torch.zeros(NB, BS, 2, 64, device=DEVICE, dtype=torch.float8_e4m3fn)
+    vc = kc.clone()
+    reshape_and_cache(k, v, kc, vc, slots, scale, scale)
+    keep = slots >= 0
+    for x, c in ((k, kc), (v, vc)):
+        got = c.view(-1, 2, 64)[slots[keep]].float()
+        want = quantize_fp8(x[keep], scale).float()
+        if DEVICE.type == "cuda":
+            assert torch.equal(got, want)
+        else:
+            carry = (want != 0) & (torch.frexp(want.abs()).mantissa == 0.5)   # powers of two
+            carry |= want.abs() < 2**-6                                         # subnormals
+            assert torch.equal(got[~carry], want[~carry])
+            assert bool(((got[carry] - want[carry]).abs() <= want[carry].abs() / 2).all())
+
+
+def quantized_cache(fmt, lens, Hkv, D, seed):
+    """A random paged cache quantized with kvlab.quant, plus its dequantized float copy."""
+    k, v, bt, ctx = random_paged(lens, Hkv, D, BS, seed=seed)
+    if fmt == "int8":
+        (kq, ks), (vq, vs) = quantize_int8(k), quantize_int8(v)
+        kd, vd = dequantize_int8(kq, ks), dequantize_int8(vq, vs)
+    else:
+        ks = torch.linspace(0.005, 0.01, Hkv, device=DEVICE)
+        vs = torch.tensor(0.01, device=DEVICE)
+        vs = vs.expand(Hkv).contiguous()
+        kq, vq = quantize_fp8(k, ks), quantize_fp8(v, vs)
+        kd, vd = dequantize_fp8(kq, ks), dequantize_fp8(vq, vs)
+    return (kq, vq, ks, vs), (kd, vd), bt, ctx
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("group,D", [(1, 64), (3, 128), (4, 64)])
+def test_fused_dequant_decode(fmt, group, D):
+    lens = [1, BS - 1, BS, 200]
+    (kq, vq, ks, vs), (kd, vd), bt, ctx = quantized_cache(fmt, lens, 2, D, seed=group + D)
+    q = torch.randn(len(lens), 2 * group, D, device=DEVICE)
+    out = torch.full_like(q, float("nan"))
+    paged_decode_attention_v3(q, kq, vq, bt, ctx, scale_for(D), k_scale=ks, v_scale=vs, out=out,
+                              partition_size=128)
+    # the reference reads the same quantized values (dequantized by kvlab.quant): only the
+    # kernel's arithmetic is under test here, not the format's rounding
+    assert rel_err(out, reference_decode(q, kd, vd, bt, ctx)) < 1e-5
+
+
+def test_write_rejects_bad_inputs():
+    k, v, slots = new_tokens(4, 2, 64)
+    kc = torch.zeros(NB, BS, 2, 64, device=DEVICE, dtype=torch.int8)
+    with pytest.raises(ValueError, match="k_scale is required"):
+        reshape_and_cache(k, v, kc, kc.clone(), slots)
+    with pytest.raises(TypeError, match="k_scale must have dtype"):
+        s = torch.zeros(NB, BS, 2, device=DEVICE)
+        reshape_and_cache(k, v, kc, kc.clone(), slots, s, s)
+    with pytest.raises(ValueError, match=r"k_scale must have shape"):
+        s = torch.zeros(NB, BS, 3, device=DEVICE, dtype=torch.float16)
+        reshape_and_cache(k, v, kc, kc.clone(), slots, s, s)
+    with pytest.raises(TypeError, match="slot_mapping"):
+        fc = torch.zeros(NB, BS, 2, 64, device=DEVICE)
+        reshape_and_cache(k, v, fc, fc.clone(), slots.int())
+    with pytest.raises(ValueError, match="v has shape"):
+        reshape_and_cache(k, v[:, :1].contiguous(), fc, fc.clone(), slots)
+    with pytest.raises(ValueError, match="not a supported cache format"):
+        bc = torch.zeros(NB, BS, 2, 64, device=DEVICE, dtype=torch.int16)
+        reshape_and_cache(k, v, bc, bc.clone(), slots)
