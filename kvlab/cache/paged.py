@@ -1,0 +1,90 @@
+"""The paged KV cache: a pool of fixed-size blocks shared by every sequence in the batch.
+
+Layout (docs/architecture.md, section 3): per layer, K and V pools of shape
+[num_blocks, block_size, Hkv, D]. Token-major inside a block: one new token's K for all heads is
+one contiguous write, and one head of one block is block_size rows of D contiguous numbers, the
+tile a decode kernel loads. Which blocks belong to which sequence is not the cache's business; the
+block manager hands out block ids and the engine passes them in, per step, as `AttentionMetadata`
+(Kwon et al., 2023, "Efficient Memory Management for Large Language Model Serving with
+PagedAttention").
+
+The engine runs the model on a *packed* batch, B = 1 and T = N = all new tokens of all scheduled
+sequences, so this cache speaks the model's KV-cache protocol (kvlab/cache/base.py) unchanged:
+`attend` writes the new K/V to their slots and returns attention over each sequence's context.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kvlab.attention import backend_module
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens go and what each sequence attends over (S sequences, N tokens)."""
+    slot_mapping: torch.Tensor     # [N] int64: block * block_size + offset of each new token
+    query_start_loc: torch.Tensor  # [S + 1] int32: sequence s owns new tokens qsl[s]:qsl[s+1]
+    context_lens: torch.Tensor     # [S] int32: tokens in the cache for s after this step's write
+    block_tables: torch.Tensor     # [S, max_blocks] int32, padded with -1
+    is_decode: bool                # every sequence has exactly one new token
+
+
+class PagedKVCache:
+    """K/V block pools for every layer plus the per-step metadata the engine sets.
+
+    PagedKVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim,
+                 dtype=torch.float32, device="cpu", attention_backend="torch")
+    """
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype = torch.float32, device="cpu",
+                 attention_backend: str = "torch"):
+        for name, value in (("num_layers", num_layers), ("num_blocks", num_blocks),
+                            ("block_size", block_size), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim)):
+            if value <= 0:
+                raise ValueError(f"PagedKVCache: {name} must be positive, got {value}")
+        self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
+        self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
+        self.device = torch.device(device)
+        self.attention_backend = attention_backend
+        self.ops = backend_module(attention_backend)
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.v_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.scale = 1.0 / math.sqrt(head_dim)
+        self.metadata: AttentionMetadata | None = None
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype = torch.float32) -> int:
+        """Bytes one block id costs across all layers, K and V: what sizes the pool."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
+
+    def set_metadata(self, metadata: AttentionMetadata) -> None:
+        """Called by the engine before each forward pass."""
+        self.metadata = metadata
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [1, N, Hq, D], k and v [1, N, Hkv, D] (packed batch) -> [1, N, Hq, D]."""
+        m = self.metadata
+        if m is None:
+            raise RuntimeError("PagedKVCache.attend called before set_metadata()")
+        if q.shape[0] != 1:
+            raise ValueError(f"the paged cache runs packed batches (B = 1), got B = {q.shape[0]}")
+        q, k, v = q[0], k[0], v[0]
+        kc, vc = self.k_cache[layer], self.v_cache[layer]
+        self.ops.reshape_and_cache(k, v, kc, vc, m.slot_mapping)
+        if m.is_decode:
+            out = self.ops.paged_decode_attention(q, kc, vc, m.block_tables, m.context_lens, self.scale)
+        else:
+            out = self.ops.paged_prefill_attention(q, kc, vc, m.block_tables, m.query_start_loc,
+                                                   m.context_lens, self.scale)
+        return out.unsqueeze(0)
+
+    def advance(self, num_tokens: int) -> None:
+        """Nothing to move: positions live in the metadata, which the engine replaces each step."""

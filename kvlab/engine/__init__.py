@@ -1,0 +1,1 @@
+"""The paged inference engine: sequences, block manager, scheduler, model runner, the LLM API."""
