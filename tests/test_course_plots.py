@@ -1,0 +1,66 @@
+"""kvlab.plots: one style, stable names, deterministic PNG files, the figures folder redirect."""
+import hashlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+
+from kvlab import plots  # noqa: E402
+
+
+def _figure():
+    with plots.style():
+        fig, ax = plt.subplots()
+        ax.plot([0, 1, 2, 3], [0, 1, 4, 9], label="x^2")
+        ax.set_title("a figure")
+        ax.legend()
+    return fig
+
+
+def test_savefig_writes_a_png_under_the_redirected_dir_and_returns_its_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVLAB_FIGURES_DIR", str(tmp_path / "figs"))
+    fig = _figure()
+    path = plots.savefig(fig, "00_example")
+    plt.close(fig)
+    assert path == tmp_path / "figs" / "00_example.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_same_figure_gives_the_same_bytes_and_no_metadata(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVLAB_FIGURES_DIR", str(tmp_path))
+    digests = []
+    for _ in range(2):
+        fig = _figure()
+        digests.append(hashlib.sha256(plots.savefig(fig, "same").read_bytes()).hexdigest())
+        plt.close(fig)
+    assert digests[0] == digests[1]
+    data = (tmp_path / "same.png").read_bytes()
+    assert b"tIME" not in data and b"Software" not in data and b"matplotlib" not in data.lower()
+
+
+def test_default_folder_is_figures_at_the_repository_root(monkeypatch):
+    monkeypatch.delenv("KVLAB_FIGURES_DIR", raising=False)
+    d = plots.figures_dir()
+    assert d.name == "figures" and (d.parent / "pyproject.toml").exists()
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "../x", "fig.png", "Fig", " x", None])
+def test_bad_names_are_refused_with_the_argument_named(bad, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVLAB_FIGURES_DIR", str(tmp_path))
+    fig = _figure()
+    with pytest.raises(ValueError, match="name="):
+        plots.savefig(fig, bad)
+    plt.close(fig)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_style_is_scoped_and_apply_style_is_global():
+    before = matplotlib.rcParams["axes.spines.top"]
+    with plots.style():
+        assert matplotlib.rcParams["axes.spines.top"] is False
+    assert matplotlib.rcParams["axes.spines.top"] == before
+    with matplotlib.rc_context():
+        plots.apply_style()
+        assert matplotlib.rcParams["savefig.dpi"] == plots.STYLE["savefig.dpi"]
