@@ -55,8 +55,8 @@ def test_allocate_append_deallocate():
     assert s.block_table == [0, 1, 2]
     bm.deallocate(s)
     assert s.block_table == [] and bm.num_free_blocks == 4 and bm.usage() == 0.0
-    # freed last block first, so block 2 is handed out last among the freed ones
-    assert list(bm.free_queue) == [3, 2, 1, 0]
+    # uncached blocks hold nothing worth keeping: they go back to the head, to be reused first
+    assert list(bm.free_queue) == [0, 1, 2, 3]
 
 
 def test_out_of_blocks_is_refused():
