@@ -74,24 +74,32 @@ def fp8_cache(k):
     return (k * 0.5).to(torch.float8_e4m3fn), torch.ones(HKV, device="cuda")
 
 
-def flex_setup(k, v, bt, B, ctx):
-    """FlexAttention's paged form: a cache [1, Hkv, pages * 128, D] and a BlockMask whose KV block
-    indices are physical pages (what torch's PagedAttention.convert_logical_block_mask builds)."""
+def flex_setup(kc, vc, B, ctx):
+    """FlexAttention's paged form (what torch's PagedAttention builds): one pool [1, Hkv, pages * 128,
+    D] holding every sequence's 128-token pages in a random order, and a BlockMask whose KV block
+    indices are each sequence's physical pages. `kc`, `vc` [B, Hkv, ctx, D] are the logical contents
+    (the SDPA cache), so flex must reproduce SDPA's output, which the caller checks."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
     P = 128
-    pages = B * ctx // P
-    kf = k.view(pages, P, HKV, D).permute(2, 0, 1, 3).reshape(1, HKV, pages * P, D).contiguous()
-    vf = v.view(pages, P, HKV, D).permute(2, 0, 1, 3).reshape(1, HKV, pages * P, D).contiguous()
-    # each sequence's pages in a random order (the timing does not depend on which pages); the
-    # index tensor is padded to the pool's page count, as convert_logical_block_mask does
+    pages, per_seq = B * ctx // P, ctx // P
+    perm = torch.randperm(pages, device="cuda")
+    kf = torch.empty(HKV, pages, P, D, device="cuda", dtype=kc.dtype)
+    vf = torch.empty_like(kf)
+    kf[:, perm] = kc.view(B, HKV, per_seq, P, D).transpose(0, 1).reshape(HKV, pages, P, D)
+    vf[:, perm] = vc.view(B, HKV, per_seq, P, D).transpose(0, 1).reshape(HKV, pages, P, D)
+    kf, vf = kf.view(1, HKV, pages * P, D), vf.view(1, HKV, pages * P, D)
+    # kv indices are padded to the pool's page count, as convert_logical_block_mask does
     table = torch.zeros(B, 1, 1, pages, device="cuda", dtype=torch.int32)
-    table[..., : ctx // P] = torch.randperm(pages, device="cuda").to(torch.int32).view(B, 1, 1, -1)
-    full = torch.full((B, 1, 1), ctx // P, device="cuda", dtype=torch.int32)
+    table[..., :per_seq] = perm.view(B, 1, 1, per_seq).to(torch.int32)
+    owner = torch.zeros(B, pages, device="cuda", dtype=torch.bool)
+    owner.scatter_(1, perm.view(B, per_seq), True)
+    full = torch.full((B, 1, 1), per_seq, device="cuda", dtype=torch.int32)
     none = torch.zeros((B, 1, 1), device="cuda", dtype=torch.int32)
     mask = BlockMask.from_kv_blocks(none, table, full, table, BLOCK_SIZE=(P, P),
+                                    mask_mod=lambda b, h, q, kv: owner[b, kv // P],
                                     seq_lengths=(1, pages * P))
     fn = torch.compile(flex_attention, dynamic=False)
-    return lambda q4: fn(q4, kf, vf, block_mask=mask, enable_gqa=True), (kf, vf, table)
+    return lambda q4: fn(q4, kf, vf, block_mask=mask, enable_gqa=True, scale=1.0 / math.sqrt(D))
 
 
 def run(args):
@@ -166,19 +174,21 @@ def run(args):
             vc = v.view(B, L, HKV, D).transpose(1, 2).contiguous()
             res["sdpa_contiguous_bf16"] = (bench(lambda: F.scaled_dot_product_attention(
                 q4, kc, vc, scale=scale, enable_gqa=True)), kv_bytes + io)
+            if L in FLEX_CONTEXTS and not args.no_flex:
+                try:
+                    fn = flex_setup(kc, vc, B, L)
+                    want = F.scaled_dot_product_attention(q4, kc, vc, scale=scale, enable_gqa=True)
+                    err = ((fn(q4).float() - want.float()).norm() / want.float().norm()).item()
+                    notes.append(f"FlexAttention paged vs SDPA at B={B}, ctx={L}: relative error {err:.1e}")
+                    res["flex_paged_bf16"] = (bench(lambda: fn(q4)), kv_bytes + io)
+                    del fn
+                except Exception as e:  # an older torch, or a shape flex cannot compile
+                    notes.append(f"FlexAttention failed at B={B}, ctx={L}: {type(e).__name__}: {e}"[:300])
+                    print(notes[-1])
             del kc, vc
             if B * L <= GATHER_MAX_TOKENS:
                 res["torch_gather_bf16"] = (bench(lambda: paged_torch.paged_decode_attention(
                     q, k, v, bt, ctx, scale)), kv_bytes + io)
-            if L in FLEX_CONTEXTS and not args.no_flex:
-                try:
-                    fn, keep = flex_setup(k, v, bt, B, L)
-                    fn(q4)
-                    res["flex_paged_bf16"] = (bench(lambda: fn(q4)), kv_bytes + io)
-                    del keep
-                except Exception as e:  # an older torch, or a shape flex cannot compile
-                    notes.append(f"FlexAttention failed at B={B}, ctx={L}: {type(e).__name__}: {e}"[:300])
-                    print(notes[-1])
             for name, (ms, nbytes) in res.items():
                 gbs = nbytes / ms / 1e6
                 rows.append(dict(batch=B, context=L, impl=name, ms=ms, GBps=gbs,

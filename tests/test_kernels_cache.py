@@ -127,3 +127,15 @@ def test_write_rejects_bad_inputs():
     with pytest.raises(ValueError, match="not a supported cache format"):
         bc = torch.zeros(NB, BS, 2, 64, device=DEVICE, dtype=torch.int16)
         reshape_and_cache(k, v, bc, bc.clone(), slots)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_fused_dequant_decode_bf16_query(fmt):
+    """bf16 queries on a quantized cache: the dots run in fp16 (see decode_attention_v3)."""
+    lens = [3, 70]
+    (kq, vq, ks, vs), (kd, vd), bt, ctx = quantized_cache(fmt, lens, 2, 64, seed=9)
+    q = torch.randn(len(lens), 8, 64, device=DEVICE).bfloat16()
+    out = torch.full_like(q, float("nan"))
+    paged_decode_attention_v3(q, kq, vq, bt, ctx, scale_for(64), k_scale=ks, v_scale=vs, out=out)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, reference_decode(q, kd, vd, bt, ctx)) < 1e-2

@@ -20,6 +20,9 @@ tile is converted in registers, and the scales are folded where they cost least:
   int8  (per token, per KV head float16 scale): scores = (Q @ K_int^T) * k_scale[token], and V's scale
         multiplies the probabilities before P @ V_int. Integers up to 127 are exact in bf16/fp16.
   fp8   (per tensor or per KV head scale): scores *= k_scale[kvh]; the output *= v_scale[kvh].
+With a bf16 q the two dots of a quantized cache run in fp16: int8 codes and e4m3 values are exact
+in fp16, which converts from them in fewer instructions than bf16 does (q must then fit fp16's
+range, |q| < 65504, true of every model we serve). A single partition writes the output directly.
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ def _decode_v3_partition_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, c
                                 GROUP: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr,
                                 BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
                                 BLOCK_N: tl.constexpr, PART: tl.constexpr, FMT: tl.constexpr,
-                                SCALE_STRIDE_H: tl.constexpr, PRECISION: tl.constexpr):
+                                SCALE_STRIDE_H: tl.constexpr, PRECISION: tl.constexpr,
+                                FP16_DOT: tl.constexpr, DIRECT: tl.constexpr):
     s = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
@@ -51,6 +55,8 @@ def _decode_v3_partition_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, c
     hq = kvh * GROUP + g
     q = tl.load(q_ptr + (s * Hkv * GROUP + hq)[:, None] * D + d[None, :], mask=gmask[:, None],
                 other=0.0)
+    if FP16_DOT:  # quantized cache, bf16 q: int8 and fp8 convert to fp16 in fewer instructions
+        q = q.to(tl.float16)
     dot_ty = q.dtype
     if FMT == 2:  # fp8: one K scale per KV head (stride 0: per tensor) folds into the score scale
         qk_scale = qk_scale * tl.load(ks_ptr + kvh * SCALE_STRIDE_H)
@@ -85,10 +91,14 @@ def _decode_v3_partition_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, c
         # V's scale is the same for every token of the head: scale the sum once, at the end.
         acc = acc * tl.load(vs_ptr + kvh * SCALE_STRIDE_H)
     o = acc / tl.where(l > 0, l, 1.0)[:, None]
-    lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
-    base = (s * Hkv * GROUP + hq) * num_parts + part              # partials [S, Hq, P, D]
-    tl.store(po_ptr + base[:, None] * D + d[None, :], o, mask=gmask[:, None])
-    tl.store(plse_ptr + base, lse, mask=gmask)
+    if DIRECT:  # a single partition: this is the final output, no reduce needed
+        tl.store(po_ptr + (s * Hkv * GROUP + hq)[:, None] * D + d[None, :],
+                 o.to(po_ptr.dtype.element_ty), mask=gmask[:, None])
+    else:
+        lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
+        base = (s * Hkv * GROUP + hq) * num_parts + part          # partials [S, Hq, P, D]
+        tl.store(po_ptr + base[:, None] * D + d[None, :], o, mask=gmask[:, None])
+        tl.store(plse_ptr + base, lse, mask=gmask)
 
 
 @triton.jit
@@ -145,8 +155,11 @@ def paged_decode_attention_v3(q, k_cache, v_cache, block_tables, context_lens, s
     if part % block_n:
         raise ValueError(f"partition_size ({part}) must be a multiple of block_n ({block_n})")
     P = max(1, triton.cdiv(max_ctx, part))
-    po = torch.empty(S, Hq, P, D, device=q.device, dtype=torch.float32)
-    plse = torch.empty(S, Hq, P, device=q.device, dtype=torch.float32)
+    if P == 1:
+        po, plse = out, out                      # the partition kernel writes the output itself
+    else:
+        po = torch.empty(S, Hq, P, D, device=q.device, dtype=torch.float32)
+        plse = torch.empty(S, Hq, P, device=q.device, dtype=torch.float32)
     qk_scale = scale * LOG2E
     dummy = context_lens
     _decode_v3_partition_kernel[(S, Hkv, P)](
@@ -156,6 +169,8 @@ def paged_decode_attention_v3(q, k_cache, v_cache, block_tables, context_lens, s
         BS * Hkv, Hkv, GROUP=Hq // Hkv, Hkv=Hkv, D=D, BLOCK_SIZE=BS,
         BLOCK_G=max(16, next_pow2(Hq // Hkv)), BLOCK_N=block_n, PART=part, FMT=fmt,
         SCALE_STRIDE_H=per_head, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FP16_DOT=fmt != FMT_FLOAT and q.dtype == torch.bfloat16, DIRECT=P == 1,
         num_warps=num_warps, num_stages=num_stages)
-    _decode_v3_reduce_kernel[(S * Hq,)](po, plse, out, P, D=D, BLOCK_P=next_pow2(P))
+    if P > 1:
+        _decode_v3_reduce_kernel[(S * Hq,)](po, plse, out, P, D=D, BLOCK_P=next_pow2(P))
     return out
