@@ -1,0 +1,24 @@
+"""kvlab.LLM with attention_backend="triton" produces the same greedy tokens as the torch backend
+(tiny random model, float32; in the interpreter on CI, on CUDA with --gpu)."""
+import copy
+
+import pytest
+import torch
+from _paged_helpers import DEVICE
+
+from kvlab import LLM, SamplingParams
+
+
+@pytest.mark.parametrize("block_size", [16, 4])
+def test_triton_backend_greedy_equals_torch(tiny_model, block_size):
+    model = copy.deepcopy(tiny_model).to(DEVICE)
+    g = torch.Generator().manual_seed(block_size)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 19, 1)]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    tokens = {}
+    for backend in ("torch", "triton"):
+        llm = LLM(model, block_size=block_size, num_kv_blocks=24, max_model_len=64,
+                  attention_backend=backend)
+        tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert tokens["triton"] == tokens["torch"]
+    assert all(len(t) == 6 for t in tokens["triton"])
