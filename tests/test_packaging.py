@@ -1,8 +1,8 @@
 """The project's install files agree with each other (pyproject.toml, environment.yml, Makefile)."""
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 

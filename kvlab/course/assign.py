@@ -195,8 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             print("FAILED")
             print(f"\nmake students: {e}", file=sys.stderr)
             return 1
-        print(f"ok in {r.seconds:.1f} s -> {r.student.relative_to(Path.cwd()) if r.student.is_relative_to(Path.cwd()) else r.student}",
-              flush=True)
+        print(f"ok in {r.seconds:.1f} s -> {r.student}", flush=True)
     return 0
 
 
