@@ -87,7 +87,7 @@ def describe(info: dict | None = None) -> str:
         interp = " (CPU interpreter: TRITON_INTERPRET=1)" if i["triton_interpret"] else ""
         triton = f"{i['triton']}{interp}"
     else:
-        triton = f"not importable ({i['triton_error']}); chapter 10's kernels will be skipped"
+        triton = f"not importable ({i['triton_error']}); the Triton kernels cannot run here"
     return "\n".join([
         f"platform : {i['platform']}, Python {i['python']}",
         f"cpu      : {i['cpu']}, {i['usable_cpus']} usable of {i['cpu_count']} logical, "
