@@ -97,7 +97,8 @@ class BlockManager:
 
     A sequence needs `seq_id`, `token_ids`, `block_table`, `num_cached_tokens`, `cache_salt` and
     `__len__`; `kvlab.engine.sequence.Sequence` has them. Counters, in tokens, named like vLLM's:
-    `prefix_cache_queries` (prompt tokens looked up) and `prefix_cache_hits` (tokens found).
+    `prefix_cache_queries` (prompt tokens looked up) and `prefix_cache_hits` (tokens found);
+    `num_evicted_blocks` counts cached blocks whose contents were dropped for new ones.
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
@@ -114,6 +115,7 @@ class BlockManager:
         self._chains: dict[int, list[tuple[bytes, tuple]]] = {}  # seq_id -> (hash, ref) per hashed block
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
+        self.num_evicted_blocks = 0                           # cached blocks reused for new contents
 
     # ---- queries ---------------------------------------------------------------------------
     @property
@@ -197,15 +199,18 @@ class BlockManager:
         """Forget every cached block. Only while no sequence holds blocks; returns success."""
         if len(self.free_queue) != self.num_blocks:
             return False
+        evicted = self.num_evicted_blocks
         for b in self.blocks:
             if b.block_hash is not None:
                 self._evict(b)
+        self.num_evicted_blocks = evicted            # a reset is not an eviction under pressure
         return True
 
     # ---- mutations -------------------------------------------------------------------------
     def _evict(self, b: Block) -> None:
         assert self.cached.get(b.block_hash) == b.block_id, "hash map out of sync"
         del self.cached[b.block_hash]
+        self.num_evicted_blocks += 1
         b.block_hash, b.token_ids, b.parent, b.extra_keys = None, (), None, ()
 
     def _take_free_block(self) -> int:
@@ -281,6 +286,5 @@ class BlockManager:
         """Drop seq's references, last block first, and clear its block table."""
         for block_id in reversed(seq.block_table):
             self._release(block_id)
-        seq.block_table.clear()
-        seq.num_cached_tokens = 0
+        seq.block_table.clear()        # num_cached_tokens stays: what the last admission found
         self._chains.pop(seq.seq_id, None)
