@@ -98,6 +98,7 @@ def flex_setup(kc, vc, B, ctx):
     mask = BlockMask.from_kv_blocks(none, table, full, table, BLOCK_SIZE=(P, P),
                                     mask_mod=lambda b, h, q, kv: owner[b, kv // P],
                                     seq_lengths=(1, pages * P))
+    torch._dynamo.config.recompile_limit = 64      # one compile per (batch, context) shape
     fn = torch.compile(flex_attention, dynamic=False)
     return lambda q4: fn(q4, kf, vf, block_mask=mask, enable_gqa=True, scale=1.0 / math.sqrt(D))
 

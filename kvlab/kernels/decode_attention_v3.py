@@ -36,6 +36,15 @@ from kvlab.kernels.reshape_and_cache import FMT_FLOAT, FMT_INT8, cache_format, c
 
 
 @triton.jit
+def _int8_to_fp16(x):
+    """int8 -> fp16 without the (slow) integer-to-float unit: 0x6480 + x is the bit pattern of the
+    fp16 number 1024 + (x + 128) (exponent of 1024, mantissa x + 128), so subtracting 1152 leaves x.
+    Exact: every value in [1024, 1280) is an fp16 integer."""
+    bits = x.to(tl.int16) + 0x6480
+    return bits.to(tl.float16, bitcast=True) - 1152.0
+
+
+@triton.jit
 def _decode_v3_partition_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr,
                                 po_ptr, plse_ptr, qk_scale, max_blocks, num_parts,
                                 stride_cb, stride_ct, stride_sb, stride_st,
@@ -72,6 +81,8 @@ def _decode_v3_partition_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, c
         tok = blk * BLOCK_SIZE + pos % BLOCK_SIZE                 # flat slot of each token
         row = blk * stride_cb + (pos % BLOCK_SIZE) * stride_ct + kvh * D
         k = tl.load(kc_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        if FMT == 1:
+            k = _int8_to_fp16(k)
         scores = tl.dot(q, tl.trans(k.to(dot_ty)), input_precision=PRECISION) * qk_scale
         if FMT == 1:
             k_sc = tl.load(ks_ptr + tok * Hkv + kvh, mask=valid, other=0.0).to(tl.float32)
@@ -85,6 +96,7 @@ def _decode_v3_partition_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, c
         if FMT == 1:
             v_sc = tl.load(vs_ptr + tok * Hkv + kvh, mask=valid, other=0.0).to(tl.float32)
             p = p * v_sc[None, :]
+            v = _int8_to_fp16(v)
         acc = acc * alpha[:, None] + tl.dot(p.to(dot_ty), v.to(dot_ty), input_precision=PRECISION)
         m = m_new
     if FMT == 2:
@@ -124,10 +136,14 @@ def _num_sms(device) -> int:
 
 
 def choose_partition(S: int, Hkv: int, max_ctx: int, block_n: int, device) -> int:
-    """Tokens per partition: enough partitions that S * Hkv * P fills the GPU about 4 times over,
-    but never a partition shorter than 4 tiles (each one costs a partial write and a reduce)."""
+    """Tokens per partition: no split when S * Hkv programs already cover the multiprocessors;
+    otherwise enough partitions to fill them about twice, but never a partition shorter than 4
+    tiles (each one costs a partial write and its share of the reduce)."""
     tiles = max(1, triton.cdiv(max_ctx, block_n))
-    want = max(1, triton.cdiv(4 * _num_sms(device), S * Hkv))
+    sms = _num_sms(device)
+    if S * Hkv >= sms:                  # already one program per multiprocessor or more: no split
+        return tiles * block_n
+    want = triton.cdiv(2 * sms, S * Hkv)
     parts = max(1, min(want, triton.cdiv(tiles, 4)))
     return triton.cdiv(tiles, parts) * block_n
 
