@@ -42,11 +42,9 @@ def bytes_per_block_per_head(head_dim: int, kv_cache_dtype: str, block_size: int
         return block_size * 2 * D
     # int4 (KIVI): 4-bit codes; keys: float16 scale + zero per channel per block;
     # values: float16 scale + zero per token per VALUE_GROUP channels.
-    if D % int4.VALUE_GROUP or D % 2:
-        raise ValueError(f"int4 needs head_dim a multiple of {int4.VALUE_GROUP}, got {D}")
     codes = block_size * 2 * (D // 2)
     key_meta = 2 * 2 * D
-    value_meta = block_size * 2 * 2 * (D // int4.VALUE_GROUP)
+    value_meta = block_size * 2 * 2 * (D // int4.value_group(D))
     return codes + key_meta + value_meta
 
 

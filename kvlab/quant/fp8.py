@@ -56,3 +56,41 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor | float = 1.0,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """float8 codes [..., Hkv, D] -> x in `dtype`."""
     return (q.float() * _broadcast(scale, q)).to(dtype)
+
+
+class _AmaxRecorder:
+    """A KV cache (no storage) that records each layer's key and value amax, per KV head."""
+
+    def __init__(self, num_layers: int):
+        self.k_amax = [None] * num_layers
+        self.v_amax = [None] * num_layers
+
+    def attend(self, layer, q, k, v):
+        from kvlab.cache.base import causal_attention
+
+        for store, x in ((self.k_amax, k), (self.v_amax, v)):
+            a = x.detach().float().abs().amax(dim=(0, 1, 3))  # [Hkv]
+            store[layer] = a if store[layer] is None else torch.maximum(store[layer], a)
+        return causal_attention(q, k, v)
+
+    def advance(self, num_tokens):
+        pass
+
+
+@torch.no_grad()
+def calibrate_fp8_scales(model, batches, per_head: bool = False) -> tuple[list, list]:
+    """Per-layer fp8 scales from sample text: `amax / 448` of keys and of values.
+
+    `batches`: an iterable of input_ids tensors [B, T] (the calibration text). Returns
+    (k_scales, v_scales): lists with one tensor per layer, `[]` (per tensor) or `[Hkv]` (per head).
+    """
+    rec = _AmaxRecorder(model.config.num_layers)
+    for ids in batches:
+        model(ids, cache=rec, last_only=True)
+    tiny = torch.finfo(torch.float32).tiny
+
+    def to_scale(a):
+        a = a if per_head else a.amax()
+        return (a / FP8_MAX).clamp_min(tiny)
+
+    return [to_scale(a) for a in rec.k_amax], [to_scale(a) for a in rec.v_amax]

@@ -23,7 +23,7 @@ in full precision too, so a block is quantized in one step when it fills.
 Storage (docs/architecture.md section 4), per layer, for K and for V:
 codes uint8 `[NB, BS, Hkv, D/2]`, two 4-bit codes per byte, low nibble = even channel;
 key scale and zero float16 `[NB, Hkv, D]` (per block = per group, per channel);
-value scale and zero float16 `[NB, BS, Hkv, D / VALUE_GROUP]`.
+value scale and zero float16 `[NB, BS, Hkv, D / VALUE_GROUP]` (one group when D < 32).
 Zero points are rounded down and scales up to float16, so every value stays inside the code range
 and the rounding error of each element is at most scale / 2.
 """
@@ -39,6 +39,15 @@ LEVELS = 2**BITS - 1  # 15
 VALUE_GROUP = 32
 MIN_SCALE = float(torch.finfo(torch.float16).tiny)
 MAX_ABS = float(torch.finfo(torch.float16).max)  # float16 zero points
+
+
+def value_group(head_dim: int) -> int:
+    """Channels per value scale for this head_dim: VALUE_GROUP, or the whole head when smaller."""
+    g = min(VALUE_GROUP, head_dim)
+    if head_dim % g or head_dim % 2:
+        raise ValueError(f"int4 needs an even head_dim that is a multiple of {VALUE_GROUP} "
+                         f"(or below it), got {head_dim}")
+    return g
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -81,10 +90,11 @@ def dequantize_keys(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return (q * scale.float().unsqueeze(-3) + zero.float().unsqueeze(-3)).to(dtype)
 
 
-def quantize_values(v: torch.Tensor, group: int = VALUE_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_values(v: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """v [..., Hkv, D] -> (packed [..., Hkv, D/2], scale [..., Hkv, D/group], zero [..., Hkv, D/group]):
     per token, per group of `group` consecutive channels."""
     D = v.shape[-1]
+    group = value_group(D) if group is None else group
     if D % group:
         raise ValueError(f"head_dim ({D}) must be a multiple of the value group ({group})")
     g = v.unflatten(-1, (D // group, group))  # [..., Hkv, D/group, group]

@@ -1,0 +1,199 @@
+"""Accuracy of each KV-cache format on the real model: perplexity, KL divergence, greedy agreement.
+
+    python benchmarks/kv_quant_accuracy.py            # full run, writes benchmarks/results/
+    python benchmarks/kv_quant_accuracy.py --smoke    # a few windows, prints only
+
+Model: SmolLM2-135M-Instruct (`kvlab.load_model()`), float32 weights and activations, CPU.
+Corpus: data/pydoc_windows.jsonl (data/build_corpus.py; windows of 2000 characters of the Python
+documentation topics). Windows 0..W-1 measure perplexity on their first `--ppl-tokens` tokens;
+the next `--prompts` windows give the generation prompts (their first `--prompt-tokens` tokens);
+the next `--calib-windows` windows calibrate the fp8 scales. No window is used twice.
+
+Every format runs through `kvlab.quant.sim.FakeQuantKVCache`, which stores exactly what the paged
+quantized cache dequantizes on read. Perplexity is computed on chunks of `--chunk` tokens fed
+through that cache, so later tokens attend over quantized keys and values of earlier tokens (and
+their own). The cache's timing of quantization makes chunked processing equal to token-by-token
+decoding (int4 splits chunks at group boundaries; see kvlab/quant/sim.py), so chunks are a faster
+route to the decode-time numbers, not an approximation of them.
+
+Metrics, all against the full-precision cache ("auto", float32) on the same tokens:
+- perplexity: exp(mean next-token NLL) over every predicted token of the windows, and its change.
+- KL: mean over positions of KL(p_auto || p_format) of next-token distributions (nats).
+- greedy agreement: 16 prompts, 256 greedy tokens each; the fraction of positions where the format's
+  token equals auto's, and the mean number of tokens before the first disagreement.
+- bytes per token (`kvlab.quant.bytes_per_token`, scales and zero points included), and the
+  capacity gain against bfloat16 ("auto" as served) and against float32 (this run's model dtype).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import kvlab
+from kvlab.machine import machine_info
+from kvlab.quant import bytes_per_token
+from kvlab.quant.fp8 import calibrate_fp8_scales
+from kvlab.quant.sim import FakeQuantKVCache
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "data"))
+import build_corpus  # noqa: E402
+
+GOALS = {"int8": 0.5, "fp8": 1.0, "int4": 3.0}  # perplexity change allowed, percent
+
+
+def formats(group_sizes):
+    """(label, kv_cache_dtype, cache kwargs builder) for every variant measured."""
+    out = [("auto", "auto", {}), ("int8", "int8", {}),
+           ("fp8 scale=1.0", "fp8", {}),
+           ("fp8 per-tensor calibrated", "fp8", {"calibrate": "tensor"}),
+           ("fp8 per-head calibrated", "fp8", {"calibrate": "head"})]
+    out += [(f"int4 KIVI G={g}", "int4", {"group_size": g}) for g in group_sizes]
+    return out
+
+
+def make_cache(model, batch, max_len, dtype, opts, scales):
+    kw = {}
+    if "group_size" in opts:
+        kw["group_size"] = opts["group_size"]
+    if "calibrate" in opts:
+        kw["k_scales"], kw["v_scales"] = scales[opts["calibrate"]]
+    return FakeQuantKVCache.for_model(model, batch, max_len, dtype, **kw)
+
+
+@torch.no_grad()
+def perplexity_and_kl(model, windows, chunk, variants, scales, batch):
+    """Per variant: (sum NLL, sum KL vs auto, count) over all predicted tokens."""
+    sums = {v[0]: [0.0, 0.0, 0] for v in variants}
+    for b0 in range(0, len(windows), batch):
+        ids = windows[b0:b0 + batch]
+        B, T = ids.shape
+        caches = {lab: make_cache(model, B, T, dt_, o, scales) for lab, dt_, o in variants}
+        for c0 in range(0, T, chunk):
+            x = ids[:, c0:c0 + chunk]
+            targets = ids[:, c0 + 1:c0 + chunk + 1]
+            n = targets.shape[1]  # the last chunk has one prediction fewer
+            ref = None
+            for lab, _, _ in variants:
+                logp = torch.log_softmax(model(x, cache=caches[lab])[:, :n], dim=-1)
+                nll = -logp.gather(-1, targets.unsqueeze(-1)).sum().item()
+                if ref is None:
+                    ref = logp
+                kl = (ref.exp() * (ref - logp)).sum().item()
+                s = sums[lab]
+                s[0], s[1], s[2] = s[0] + nll, s[1] + kl, s[2] + targets.numel()
+    return sums
+
+
+@torch.no_grad()
+def greedy(model, prompts, steps, dtype_, opts, scales):
+    B, P = prompts.shape
+    cache = make_cache(model, B, P + steps, dtype_, opts, scales)
+    logits = model(prompts, cache=cache, last_only=True)
+    out = []
+    for _ in range(steps):
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        out.append(tok)
+        logits = model(tok, cache=cache)
+    return torch.cat(out, dim=1)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="KV-cache quantization accuracy on the real model")
+    p.add_argument("--ppl-windows", type=int, default=8)
+    p.add_argument("--ppl-tokens", type=int, default=256)
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--gen-tokens", type=int, default=256)
+    p.add_argument("--calib-windows", type=int, default=4)
+    p.add_argument("--group-sizes", type=int, nargs="+", default=[16, 32])
+    p.add_argument("--skip-greedy", nargs="*", default=["int4 KIVI G=16", "fp8 per-head calibrated", "fp8 scale=1.0"],
+                   help="variants measured on perplexity and KL only (CPU time)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
+    p.add_argument("--smoke", action="store_true", help="tiny run, prints only")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/kv_quant_accuracy")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.ppl_windows, a.ppl_tokens, a.prompts, a.gen_tokens, a.calib_windows = 2, 64, 2, 16, 1
+    torch.manual_seed(0)
+    torch.set_num_threads(a.threads)
+    t0 = time.perf_counter()
+    model, tok = kvlab.load_model()
+    header, texts = build_corpus.load()
+    enc = [tok.encode(t, add_special_tokens=False) for t in texts]
+    need = a.ppl_windows + a.prompts + a.calib_windows
+    if len(enc) < need:
+        raise SystemExit(f"corpus has {len(enc)} windows, the run needs {need}")
+    ppl_ids = torch.tensor([e[:a.ppl_tokens] for e in enc[:a.ppl_windows]])
+    prompt_ids = torch.tensor([e[:a.prompt_tokens] for e in enc[a.ppl_windows:a.ppl_windows + a.prompts]])
+    calib = [torch.tensor([e[:a.ppl_tokens]]) for e in enc[a.ppl_windows + a.prompts:need]]
+    k_head, v_head = calibrate_fp8_scales(model, calib, per_head=True)
+    scales = {"head": (k_head, v_head),  # per tensor = the largest head's scale
+              "tensor": ([s.amax() for s in k_head], [s.amax() for s in v_head])}
+    variants = formats(a.group_sizes)
+
+    sums = perplexity_and_kl(model, ppl_ids, a.chunk, variants, scales, a.batch)
+    ref_tokens = greedy(model, prompt_ids, a.gen_tokens, "auto", {}, scales)
+    cfg = model.config
+    bf16 = bytes_per_token(cfg, "auto", model_dtype=torch.bfloat16)
+    f32 = bytes_per_token(cfg, "auto", model_dtype=torch.float32)
+    rows = []
+    ppl_auto = None
+    for lab, dt_, o in variants:
+        nll, kl, n = sums[lab]
+        ppl = float(torch.tensor(nll / n).exp())
+        ppl_auto = ppl if ppl_auto is None else ppl_auto
+        if lab in a.skip_greedy:
+            agree = first = None
+        else:
+            toks = ref_tokens if dt_ == "auto" else greedy(model, prompt_ids, a.gen_tokens, dt_, o, scales)
+            same = toks == ref_tokens
+            first_diff = torch.where(same.all(1), torch.tensor(a.gen_tokens), (~same).int().argmax(1))
+            agree, first = same.float().mean().item(), first_diff.float().mean().item()
+        bs = o.get("group_size", 16)
+        bpt = bytes_per_token(cfg, dt_, block_size=bs, model_dtype=torch.bfloat16)
+        if dt_ == "auto":
+            bpt = f32
+        rows.append({"format": lab, "kv_cache_dtype": dt_, "block_size": bs,
+                     "ppl": ppl, "ppl_change_pct": 100 * (ppl / ppl_auto - 1),
+                     "kl_nats": kl / n, "greedy_agreement": agree,
+                     "mean_tokens_to_first_diff": first,
+                     "bytes_per_token": bpt, "gain_vs_bf16": bf16 / bpt, "gain_vs_fp32": f32 / bpt,
+                     "goal_ppl_pct": GOALS.get(dt_)})
+    secs = time.perf_counter() - t0
+    cols = ("format", "ppl", "ppl_change_pct", "kl_nats", "greedy_agreement",
+            "mean_tokens_to_first_diff", "bytes_per_token", "gain_vs_bf16", "gain_vs_fp32")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c])
+                                       for c in cols) + " |")
+    table = "\n".join(lines)
+    print(table)
+    cmd = "python benchmarks/kv_quant_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(f"{secs:.0f} s")
+    if a.smoke:
+        return rows
+    info = {"benchmark": "kv_quant_accuracy", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": cmd.strip(), "machine": machine_info(), "model": "SmolLM2-135M-Instruct (float32)",
+            "corpus": header, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+            "fp8_calibration": "amax/448 per layer over the calibration windows",
+            "bytes_per_token_note": "auto row: float32 as run; gains also against bfloat16 (23040 B/token)",
+            "wall_seconds": round(secs, 1), "rows": rows}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.with_suffix(".json").write_text(json.dumps(info, indent=1))
+    a.out.with_suffix(".md").write_text(
+        f"# KV-cache quantization accuracy\n\n`{info['command']}` on {info['date']}\n\n"
+        f"Machine: {json.dumps(info['machine'])}\n\nCorpus: {json.dumps(header)}\n\n{table}\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
