@@ -34,9 +34,10 @@ def _contiguous(cache, table, L, block_size):
 
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 @pytest.mark.parametrize("Hq,Hkv", [(4, 4), (4, 2), (6, 1)])
-def test_decode_matches_reference(block_size, Hq, Hkv):
+@pytest.mark.parametrize("ctx", [[1, 5, 17, 33], [19]])
+def test_decode_matches_reference(block_size, Hq, Hkv, ctx):
     gen = torch.Generator().manual_seed(block_size * 31 + Hq + Hkv)
-    D, ctx = 8, [1, 5, 17, 33]
+    D = 8
     NB = sum(-(-L // block_size) for L in ctx) + 3
     kc = torch.randn(NB, block_size, Hkv, D, dtype=torch.float64, generator=gen)
     vc = torch.randn(NB, block_size, Hkv, D, dtype=torch.float64, generator=gen)

@@ -40,10 +40,12 @@ def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tens
     """[NB, BS, Hkv, D] pool, [S, M] block tables -> [S, M * BS, Hkv, D] contiguous copies.
 
     Padding entries (-1) read block 0; callers mask those positions with the context length.
+    (`index_select` on the flattened table: on CPU it is much faster than 2-D fancy indexing.)
     """
     S, M = block_tables.shape
     NB, BS, Hkv, D = cache.shape
-    return cache[block_tables.clamp(min=0).long()].reshape(S, M * BS, Hkv, D)
+    flat = block_tables.reshape(-1).clamp(min=0).long()
+    return cache.index_select(0, flat).view(S, M * BS, Hkv, D)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -59,8 +61,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     k = gather_blocks(k_cache, block_tables).to(q.dtype)   # [S, L, Hkv, D]
     v = gather_blocks(v_cache, block_tables).to(q.dtype)
     L = k.shape[1]
-    valid = torch.arange(L, device=q.device).view(1, L) < context_lens.view(S, 1).to(q.device)
-    mask = valid.view(S, 1, 1, L)                           # [S, heads, q, keys]
+    mask = None
+    if S == 1:                                               # one sequence: cut, no mask needed
+        n = int(context_lens[0])
+        k, v = k[:, :n], v[:, :n]
+    else:
+        valid = torch.arange(L, device=q.device).view(1, L) < context_lens.view(S, 1).to(q.device)
+        mask = valid.view(S, 1, 1, L)                        # [S, heads, q, keys]
     out = F.scaled_dot_product_attention(q.view(S, Hq, 1, D), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, scale=scale, enable_gqa=Hq != Hkv)
     return out.view(S, Hq, D)
@@ -85,12 +92,16 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         if q_len == 0:
             continue
         blocks = block_tables[s, :(L + BS - 1) // BS].long()
-        k = k_cache[blocks].reshape(-1, Hkv, D)[:L].to(q.dtype)   # [L, Hkv, D]
-        v = v_cache[blocks].reshape(-1, Hkv, D)[:L].to(q.dtype)
-        q_pos = torch.arange(L - q_len, L, device=q.device).view(q_len, 1)
-        mask = torch.arange(L, device=q.device).view(1, L) <= q_pos        # [q_len, L]
-        o = F.scaled_dot_product_attention(q[start:end].transpose(0, 1), k.transpose(0, 1),
-                                           v.transpose(0, 1), attn_mask=mask, scale=scale,
-                                           enable_gqa=Hq != Hkv)           # [Hq, q_len, D]
+        k = k_cache.index_select(0, blocks).view(-1, Hkv, D)[:L].to(q.dtype)   # [L, Hkv, D]
+        v = v_cache.index_select(0, blocks).view(-1, Hkv, D)[:L].to(q.dtype)
+        qs, ks, vs = q[start:end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        if q_len == L or q_len == 1:     # a whole prompt (plain causal) or one token (sees all)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=q_len > 1, scale=scale,
+                                               enable_gqa=Hq != Hkv)
+        else:                            # the last q_len positions over a cached prefix
+            q_pos = torch.arange(L - q_len, L, device=q.device).view(q_len, 1)
+            mask = torch.arange(L, device=q.device).view(1, L) <= q_pos    # [q_len, L]
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale,
+                                               enable_gqa=Hq != Hkv)       # [Hq, q_len, D]
         out[start:end] = o.transpose(0, 1)
     return out
