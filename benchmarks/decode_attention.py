@@ -1,3 +1,4 @@
+# ruff: noqa: B023  (each lambda is timed inside the loop iteration that defines it)
 """Paged decode attention on a CUDA GPU: kvlab's Triton kernels against PyTorch.
 
     PYTHONPATH=. python benchmarks/decode_attention.py [--quick] [--out benchmarks/results/decode_attention]
@@ -136,7 +137,7 @@ def run(args):
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     notes.append(f"v3 bf16 vs gather reference at B=32, ctx=8192: relative error {err:.2e}")
     print(notes[-1])
-    del k, v, k8, v8, kf8, vf8, caches
+    k = v = k8 = v8 = kf8 = vf8 = caches = None   # free the memory before the next configuration
     torch.cuda.empty_cache()
 
     batches = (1, 32) if args.quick else BATCHES
@@ -166,11 +167,11 @@ def run(args):
             v8, vs8 = int8_cache(v, g)
             res["kvlab_v3_int8"] = (bench(v3(k8, v8, ks8, vs8, "int8")),
                                     kv_bytes // 2 + B * L * HKV * 2 * 2 + io)
-            del k8, v8, ks8, vs8
+            k8 = v8 = ks8 = vs8 = None   # free the memory before the next configuration
             kf8, sf8 = fp8_cache(k)
             vf8, _ = fp8_cache(v)
             res["kvlab_v3_fp8"] = (bench(v3(kf8, vf8, sf8, sf8, "fp8")), kv_bytes // 2 + io)
-            del kf8, vf8
+            kf8 = vf8 = None   # free the memory before the next configuration
             kc = k.view(B, L, HKV, D).transpose(1, 2).contiguous()     # SDPA's contiguous cache
             vc = v.view(B, L, HKV, D).transpose(1, 2).contiguous()
             res["sdpa_contiguous_bf16"] = (bench(lambda: F.scaled_dot_product_attention(
@@ -182,11 +183,11 @@ def run(args):
                     err = ((fn(q4).float() - want.float()).norm() / want.float().norm()).item()
                     notes.append(f"FlexAttention paged vs SDPA at B={B}, ctx={L}: relative error {err:.1e}")
                     res["flex_paged_bf16"] = (bench(lambda: fn(q4)), kv_bytes + io)
-                    del fn
+                    fn = None   # free the memory before the next configuration
                 except Exception as e:  # an older torch, or a shape flex cannot compile
                     notes.append(f"FlexAttention failed at B={B}, ctx={L}: {type(e).__name__}: {e}"[:300])
                     print(notes[-1])
-            del kc, vc
+            kc = vc = None   # free the memory before the next configuration
             if B * L <= GATHER_MAX_TOKENS:
                 res["torch_gather_bf16"] = (bench(lambda: paged_torch.paged_decode_attention(
                     q, k, v, bt, ctx, scale)), kv_bytes + io)
@@ -196,7 +197,7 @@ def run(args):
                                  pct_copy=100 * gbs / bw))
             print(f"B={B:4d} ctx={L:6d} " + "  ".join(f"{n}={ms * 1e3:.0f}us" for n, (ms, _) in res.items()),
                   flush=True)
-            del k, v, bt
+            k = v = bt = None   # free the memory before the next configuration
             torch.cuda.empty_cache()
     return bw, best, rows, notes
 
@@ -248,7 +249,8 @@ def main():
                  "~1000x slower and its timings mean nothing)")
     t0 = time.time()
     bw, best, rows, notes = run(args)
-    notes.append(f"int4: no fused int4 decode kernel yet (not timed). Sweep wall time {time.time() - t0:.0f} s.")
+    notes.append("int4: no fused int4 decode kernel yet (not timed). "
+                 f"Sweep wall time {time.time() - t0:.0f} s.")
     write(args.out, environment(), bw, best, rows, notes)
 
 

@@ -3,8 +3,8 @@
 The write must produce exactly what the PyTorch quantizers of kvlab.quant produce: bit for bit for
 int8 (codes and float16 scales), and for fp8 exactly on a GPU. Triton's CPU interpreter has a known
 flaw in float -> fp8 casts: when rounding carries into the exponent (x just below a power of two)
-or lands among the subnormals it returns a smaller value (half of it for normal numbers). Under the interpreter those elements may
-be off by up to half their value; every other element must still match exactly.
+or lands among the subnormals it returns a smaller value (half of it for normal numbers). Under the
+interpreter those elements may be off by up to half their value; every other element must match.
 """
 import pytest
 import torch

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from kvlab.kernels._checks import next_pow2
 from kvlab.kernels.decode_attention_v1 import LOG2E, check_decode_args
-from kvlab.kernels.reshape_and_cache import FMT_FLOAT, FMT_INT8, cache_format, check_scales
+from kvlab.kernels.reshape_and_cache import FMT_FLOAT, cache_format, check_scales
 
 
 @triton.jit
