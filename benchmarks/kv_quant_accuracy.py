@@ -115,7 +115,8 @@ def main(argv=None):
     p.add_argument("--gen-tokens", type=int, default=256)
     p.add_argument("--calib-windows", type=int, default=4)
     p.add_argument("--group-sizes", type=int, nargs="+", default=[16, 32])
-    p.add_argument("--skip-greedy", nargs="*", default=["int4 KIVI G=16", "fp8 per-head calibrated", "fp8 scale=1.0"],
+    p.add_argument("--skip-greedy", nargs="*",
+                   default=["int4 KIVI G=16", "fp8 per-head calibrated", "fp8 scale=1.0"],
                    help="variants measured on perplexity and KL only (CPU time)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     p.add_argument("--smoke", action="store_true", help="tiny run, prints only")
@@ -133,7 +134,8 @@ def main(argv=None):
     if len(enc) < need:
         raise SystemExit(f"corpus has {len(enc)} windows, the run needs {need}")
     ppl_ids = torch.tensor([e[:a.ppl_tokens] for e in enc[:a.ppl_windows]])
-    prompt_ids = torch.tensor([e[:a.prompt_tokens] for e in enc[a.ppl_windows:a.ppl_windows + a.prompts]])
+    prompt_ids = torch.tensor([e[:a.prompt_tokens]
+                               for e in enc[a.ppl_windows:a.ppl_windows + a.prompts]])
     calib = [torch.tensor([e[:a.ppl_tokens]]) for e in enc[a.ppl_windows + a.prompts:need]]
     k_head, v_head = calibrate_fp8_scales(model, calib, per_head=True)
     scales = {"head": (k_head, v_head),  # per tensor = the largest head's scale
@@ -181,9 +183,10 @@ def main(argv=None):
     print(f"{secs:.0f} s")
     if a.smoke:
         return rows
-    info = {"benchmark": "kv_quant_accuracy", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": cmd.strip(), "machine": machine_info(), "model": "SmolLM2-135M-Instruct (float32)",
-            "corpus": header, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    info = {"benchmark": "kv_quant_accuracy", "date": now, "command": cmd.strip(),
+            "machine": machine_info(), "model": "SmolLM2-135M-Instruct (float32)", "corpus": header,
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
             "fp8_calibration": "amax/448 per layer over the calibration windows",
             "bytes_per_token_note": "auto row: float32 as run; gains also against bfloat16 (23040 B/token)",
             "wall_seconds": round(secs, 1), "rows": rows}

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from kvlab.quant import KV_CACHE_DTYPES, bytes_per_token, check_kv_cache_dtype, fp8, int4, int8
 from kvlab.model.config import SMOLLM2_135M
+from kvlab.quant import KV_CACHE_DTYPES, bytes_per_token, check_kv_cache_dtype, fp8, int4, int8
 
 EPS = 1e-6  # float32 arithmetic on top of the format's own bound
 

@@ -64,7 +64,8 @@ def test_engine_finishes_every_request_and_frees_every_block(tiny_model, fmt):
 def test_same_budget_buys_more_blocks(tiny_model, fmt):
     budget = 1 << 20
     auto = LLM(tiny_model, block_size=16, kv_cache_memory_bytes=budget, max_model_len=128)
-    quant = LLM(tiny_model, block_size=16, kv_cache_memory_bytes=budget, max_model_len=128, kv_cache_dtype=fmt)
+    quant = LLM(tiny_model, block_size=16, kv_cache_memory_bytes=budget, max_model_len=128,
+                kv_cache_dtype=fmt)
     c = tiny_model.config
     assert quant.bytes_per_block == bytes_per_block(c, fmt, 16)
     assert quant.num_kv_blocks == budget // bytes_per_block(c, fmt, 16)
@@ -93,3 +94,32 @@ def test_real_model_int8_greedy_mostly_agrees_with_auto(real_model):
     rate = same / sum(map(len, runs["auto"]))
     print(f"int8 vs auto greedy agreement: {rate:.3f}")
     assert rate >= 0.75
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fmt", ["auto", *FORMATS])
+def test_chunked_prefill_equals_token_by_token(tiny_model, fmt):
+    """The accuracy benchmark's premise: chunks through the twin == decoding one token at a time."""
+    model = copy.deepcopy(tiny_model).double()
+    ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(2))
+    mk = lambda: FakeQuantKVCache.for_model(model, 2, 30, fmt, group_size=8)  # noqa: E731
+    c = mk()
+    one = torch.cat([model(ids[:, t:t + 1], cache=c) for t in range(30)], dim=1)
+    c = mk()
+    chunks = torch.cat([model(ids[:, t:t + 7], cache=c) for t in range(0, 30, 7)], dim=1)
+    torch.testing.assert_close(chunks, one, atol=1e-9, rtol=1e-9)
+
+
+def test_fp8_calibration_gives_per_layer_scales(tiny_model):
+    from kvlab.quant.fp8 import FP8_MAX, calibrate_fp8_scales
+
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(4))
+    c = tiny_model.config
+    ks, vs = calibrate_fp8_scales(tiny_model, [ids], per_head=True)
+    assert len(ks) == len(vs) == c.num_layers and ks[0].shape == (c.num_kv_heads,)
+    kt, _ = calibrate_fp8_scales(tiny_model, [ids], per_head=False)
+    assert kt[0].dim() == 0 and torch.equal(kt[0], ks[0].max())
+    rec = FakeQuantKVCache.for_model(tiny_model, 1, 20)  # the largest key really maps to 448
+    tiny_model(ids, cache=rec)
+    amax = rec.k[0][0].abs().amax(dim=(0, 2))
+    torch.testing.assert_close(amax / FP8_MAX, ks[0].detach())

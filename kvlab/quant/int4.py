@@ -90,7 +90,8 @@ def dequantize_keys(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return (q * scale.float().unsqueeze(-3) + zero.float().unsqueeze(-3)).to(dtype)
 
 
-def quantize_values(v: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_values(v: torch.Tensor, group: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """v [..., Hkv, D] -> (packed [..., Hkv, D/2], scale [..., Hkv, D/group], zero [..., Hkv, D/group]):
     per token, per group of `group` consecutive channels."""
     D = v.shape[-1]

@@ -68,20 +68,22 @@ class QuantizedPagedKVCache:
         def zeros(*shape, dt):
             return [torch.zeros(shape, dtype=dt, device=dev) for _ in range(num_layers)]
 
+        f16 = torch.float16
         if kv_cache_dtype == "int8":
-            self.k_cache, self.v_cache = zeros(NB, BS, H, D, dt=torch.int8), zeros(NB, BS, H, D, dt=torch.int8)
-            self.k_scale, self.v_scale = zeros(NB, BS, H, dt=torch.float16), zeros(NB, BS, H, dt=torch.float16)
+            self.k_cache, self.v_cache = (zeros(NB, BS, H, D, dt=torch.int8) for _ in "kv")
+            self.k_scale, self.v_scale = (zeros(NB, BS, H, dt=f16) for _ in "kv")
         elif kv_cache_dtype == "fp8":
-            self.k_cache, self.v_cache = zeros(NB, BS, H, D, dt=fp8.FP8), zeros(NB, BS, H, D, dt=fp8.FP8)
+            self.k_cache, self.v_cache = (zeros(NB, BS, H, D, dt=fp8.FP8) for _ in "kv")
             ks, vs = fp8_scales if fp8_scales is not None else ([1.0] * num_layers, [1.0] * num_layers)
             self.k_scale = [torch.as_tensor(s, dtype=torch.float32, device=dev) for s in ks]
             self.v_scale = [torch.as_tensor(s, dtype=torch.float32, device=dev) for s in vs]
         else:  # int4
             G = D // int4.value_group(D)
-            self.k_cache, self.v_cache = zeros(NB, BS, H, D // 2, dt=torch.uint8), zeros(NB, BS, H, D // 2, dt=torch.uint8)
-            self.k_scale, self.k_zero = zeros(NB, H, D, dt=torch.float16), zeros(NB, H, D, dt=torch.float16)
-            self.v_scale, self.v_zero = zeros(NB, BS, H, G, dt=torch.float16), zeros(NB, BS, H, G, dt=torch.float16)
-            self.residual: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(num_layers)]
+            self.k_cache, self.v_cache = (zeros(NB, BS, H, D // 2, dt=torch.uint8) for _ in "kv")
+            self.k_scale, self.k_zero = (zeros(NB, H, D, dt=f16) for _ in "sz")
+            self.v_scale, self.v_zero = (zeros(NB, BS, H, G, dt=f16) for _ in "sz")
+            # block id -> (k, v) [BS, Hkv, D] in the model dtype, per layer
+            self.residual: list[dict[int, tuple]] = [{} for _ in range(num_layers)]
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,

@@ -27,7 +27,8 @@ from kvlab.quant import fp8, int4, int8
 from kvlab.quant.common import check_kv_cache_dtype
 
 
-def roundtrip(x: torch.Tensor, kv_cache_dtype: str, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+def roundtrip(x: torch.Tensor, kv_cache_dtype: str, scale: torch.Tensor | float = 1.0
+              ) -> torch.Tensor:
     """Quantize then dequantize per-token formats: x [..., Hkv, D] ("auto", "int8", "fp8")."""
     if kv_cache_dtype == "auto":
         return x
@@ -35,7 +36,8 @@ def roundtrip(x: torch.Tensor, kv_cache_dtype: str, scale: torch.Tensor | float 
         return int8.dequantize_int8(*int8.quantize_int8(x), dtype=x.dtype)
     if kv_cache_dtype == "fp8":
         return fp8.dequantize_fp8(fp8.quantize_fp8(x, scale), scale, dtype=x.dtype)
-    raise ValueError(f"roundtrip handles 'auto', 'int8', 'fp8'; int4 quantizes groups, got {kv_cache_dtype!r}")
+    raise ValueError(f"roundtrip handles 'auto', 'int8', 'fp8' (int4 quantizes groups), "
+                     f"got {kv_cache_dtype!r}")
 
 
 class FakeQuantKVCache:
