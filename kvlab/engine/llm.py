@@ -59,6 +59,7 @@ class LLM:
             raise ValueError(f"block_size must be a power of two (1, 2, 4, ..., 128), got {block_size}")
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
+        # a model passed in keeps its own dtype and device; dtype and device apply when loading
         self.model, self.tokenizer = _resolve_model(model, dtype, device)
         self.model.eval()
         cfg = self.config = self.model.config
@@ -160,7 +161,7 @@ class LLM:
 
     def abort_request(self, request_id) -> None:
         """Stop requests now (a str or a list of them); their blocks are freed. Unknown ids are ignored."""
-        for rid in [request_id] if isinstance(request_id, str) else list(request_id):
+        for rid in list(request_id) if isinstance(request_id, (list, tuple, set)) else [request_id]:
             seq = self.scheduler.find(str(rid))
             if seq is not None:
                 seq.finish_time = time.perf_counter()

@@ -76,7 +76,7 @@ class Scheduler:
         self.running = list(decodes)
         # 2. admissions, unless blocks just ran out (the victims would only be evicted again)
         prefills, num_tokens = [], len(decodes)
-        if not preempted and self.waiting:
+        if (not preempted or not decodes) and self.waiting:
             ordered = self.policy(list(self.waiting))
             if sorted(s.seq_id for s in ordered) != sorted(s.seq_id for s in self.waiting):
                 raise ValueError("scheduling_policy must return a reordering of the waiting list")
