@@ -174,7 +174,16 @@ def test_cache_salt_isolates_requests(model64):
     _check_clean(llm)
 
 
-def test_real_model_shared_system_prompt(real_model):
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared, oversubscribed CPU two threads mostly wait for each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_real_model_shared_system_prompt(real_model, one_thread):
     model, tok = real_model
     system = {"role": "system", "content": "You are a concise assistant for a course on KV caches. "
               "Answer in one short sentence, with no preamble, and never more than twenty words."}
