@@ -208,3 +208,22 @@ def test_real_model_batch_equals_reference_and_chat(real_model):
                  use_tqdm=False)[0]
     assert o.prompt_token_ids[-3:] == tok.encode("<|im_start|>assistant\n")[-3:] and o.outputs[0].token_ids
     _assert_all_free(llm)
+
+
+def test_pool_sizing_from_memory_bytes(tiny_model):
+    cfg = tiny_model.config
+    per_block = 2 * cfg.num_layers * 8 * cfg.num_kv_heads * cfg.head_dim * 4
+    llm = LLM(tiny_model, block_size=8, kv_cache_memory_bytes=10 * per_block + 5, max_model_len=64)
+    assert llm.bytes_per_block == per_block and llm.num_kv_blocks == 10
+    assert llm.cache.k_cache[0].shape == (10, 8, cfg.num_kv_heads, cfg.head_dim)
+
+
+def test_triton_backend_matches_torch(tiny_model):
+    """The engine only swaps the three attention functions (Triton's CPU interpreter here)."""
+    pytest.importorskip("triton")
+    prompts = _prompts([3, 17], seed=9)
+    sp = SamplingParams(max_tokens=4, **GREEDY)
+    outs = {b: [o.outputs[0].token_ids for o in LLM(tiny_model, block_size=16, num_kv_blocks=8,
+                                                     max_model_len=64, attention_backend=b)
+                .generate(prompts, sp, use_tqdm=False)] for b in ("torch", "triton")}
+    assert outs["triton"] == outs["torch"]
