@@ -151,3 +151,12 @@ def test_solution_and_hidden_line_extraction_on_the_grader_fixture():
     master = _read(Path(__file__).parent / "data" / "grading" / "99_grader_fixture.ipynb")
     assert solution_lines(master) == {"return x * x", "return sum(xs) / len(xs)"}
     assert hidden_test_lines(master) == {"assert square(-4) == 16", "assert mean([5]) == 5"}
+
+
+def test_the_template_is_skipped_by_the_tooling_and_is_in_otter_format():
+    template = MASTERS / "_template.ipynb"
+    assert template.exists() and template not in MASTER_FILES
+    nb = _read(template)
+    assert nb.cells[0].cell_type == "raw" and nb.cells[0].source.startswith("# ASSIGNMENT CONFIG")
+    assert any("parameters" in c.metadata.get("tags", []) for c in nb.cells)
+    assert solution_lines(nb) and hidden_test_lines(nb)
