@@ -17,7 +17,7 @@ PYTEST_WORKERS ?= 2
 # Student notebooks (the course); masters are in notebooks/masters/ and are tested through otter.
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: help venv course test lab students grade lint clean
+.PHONY: help venv course test lab lab-root-check students grade lint clean
 
 help:
 	@echo "make course   run every notebook into build/ and regenerate figures/"
@@ -57,11 +57,13 @@ test: venv
 	  tests $(NOTEBOOKS); \
 	rc=$$?; rm -rf $$figs; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
-# JupyterLab refuses to run as root; say so, and pass --allow-root only when asked to.
-lab: venv
+# JupyterLab refuses to run as root; say so before any set-up, and pass --allow-root only when asked.
+lab-root-check:
 	@if [ "$$(id -u)" = "0" ] && [ "$(ALLOW_ROOT)" != "1" ]; then \
-	  echo "make lab: refusing to start JupyterLab as root."; \
-	  echo "          Run 'make lab ALLOW_ROOT=1' to start it with --allow-root."; exit 1; fi
+	  echo "make lab: refusing to start JupyterLab as root." >&2; \
+	  echo "          Run 'make lab ALLOW_ROOT=1' to start it with --allow-root." >&2; exit 1; fi
+
+lab: lab-root-check venv
 	$(PY) -m jupyter lab --notebook-dir=notebooks $(if $(filter 1,$(ALLOW_ROOT)),--allow-root,)
 
 students: venv
