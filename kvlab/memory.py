@@ -50,7 +50,8 @@ class KVConfig:
             raise ValueError(f"KVConfig.num_heads ({self.num_heads}) must be a multiple of "
                              f"num_kv_heads ({self.num_kv_heads})")
         if not 0 <= self.sliding_layers <= self.num_layers:
-            raise ValueError(f"KVConfig.sliding_layers must be in [0, {self.num_layers}], got {self.sliding_layers}")
+            raise ValueError(f"KVConfig.sliding_layers must be in [0, {self.num_layers}], "
+                             f"got {self.sliding_layers}")
         if self.sliding_layers and not (self.sliding_window and self.sliding_window > 0):
             raise ValueError("KVConfig.sliding_window must be positive when sliding_layers > 0")
 
@@ -69,7 +70,7 @@ class KVConfig:
             return self.kv_lora_rank + self.qk_rope_head_dim
         return 2 * self.num_kv_heads * self.head_dim
 
-    def replace(self, **changes) -> "KVConfig":
+    def replace(self, **changes) -> KVConfig:
         """A copy with some fields changed, e.g. `cfg.replace(num_kv_heads=1)` for the MQA variant."""
         import dataclasses
         return dataclasses.replace(self, **changes)
@@ -91,7 +92,8 @@ def as_kv_config(config) -> KVConfig:
                         num_params=params,
                         max_context=getattr(config, "max_position_embeddings", 1) or 1)
     except AttributeError as e:
-        raise TypeError(f"config must be a KVConfig, a model name or a LlamaConfig-like object: {e}") from None
+        raise TypeError("config must be a KVConfig, a model name or a LlamaConfig-like object: "
+                        f"{e}") from None
 
 
 def _check_dtype_bytes(dtype_bytes):

@@ -85,7 +85,8 @@ def measure_machine(name: str = "this CPU", n: int = 1024, nbytes: int = 256 * 2
                     repeats: int = 5) -> Machine:
     return Machine(name, measure_peak_flops(n, repeats), measure_bandwidth(nbytes, repeats),
                    source=f"measured: float32 {n}^3 matmul and {nbytes / 2**20:.0f} MiB copy, "
-                          f"median of {repeats}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+                          f"median of {repeats}, torch {torch.__version__}, "
+                          f"{torch.get_num_threads()} threads")
 
 
 def linear_intensity(tokens: int, in_features: int, out_features: int, dtype_bytes: float = 2) -> float:

@@ -65,7 +65,8 @@ def test_cache_bytes_equal_the_calculator(real_model):
         model(torch.tensor([tok.encode("Hello there")] * 2), cache=cache)
     held = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
     assert held == cache.nbytes == kv_cache_bytes(model.config, 40, batch=2, dtype_bytes=4)
-    assert kv_bytes_per_token(MODELS["smollm2-135m"], 4) == kv_bytes_per_token(model.config, 4) == 30 * 2 * 3 * 64 * 4
+    per_token = kv_bytes_per_token(model.config, 4)
+    assert per_token == kv_bytes_per_token(MODELS["smollm2-135m"], 4) == 30 * 2 * 3 * 64 * 4
 
 
 def test_generate_matches_iter_generate_and_batch(runs, real_model):

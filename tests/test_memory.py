@@ -1,8 +1,14 @@
 """The KV memory calculator against numbers worked out by hand from the published configurations."""
 import pytest
 
-from kvlab.memory import (MODELS, KVConfig, kv_bytes_per_token, kv_cache_bytes,
-                          max_concurrent_sequences, weight_bytes)
+from kvlab.memory import (
+    MODELS,
+    KVConfig,
+    kv_bytes_per_token,
+    kv_cache_bytes,
+    max_concurrent_sequences,
+    weight_bytes,
+)
 from kvlab.model.config import SMOLLM2_135M
 
 REQUIRED = ["llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3.1-8b", "llama-3.1-70b", "mistral-7b",
@@ -46,7 +52,8 @@ def test_max_concurrent_sequences_by_hand():
     m = MODELS["llama-2-7b"]
     free = 80e9 * 0.9 - 6.74e9 * 2
     assert max_concurrent_sequences(m, 80e9, 4096) == int(free // (4096 * 524_288))
-    assert max_concurrent_sequences(m, 80e9, 4096, weight_bytes=0, utilization=1.0) == int(80e9 // (4096 * 524_288))
+    everything = max_concurrent_sequences(m, 80e9, 4096, weight_bytes=0, utilization=1.0)
+    assert everything == int(80e9 // (4096 * 524_288))
     assert max_concurrent_sequences(MODELS["llama-2-70b"], 80e9, 4096) == 0  # 138 GB of weights
     assert weight_bytes(m) == 6.74e9 * 2
 

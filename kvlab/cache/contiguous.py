@@ -54,7 +54,7 @@ class ContiguousKVCache:
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
 
     @classmethod
-    def for_model(cls, model, batch: int = 1, max_len: int | None = None) -> "ContiguousKVCache":
+    def for_model(cls, model, batch: int = 1, max_len: int | None = None) -> ContiguousKVCache:
         """A cache shaped for `model` (a kvlab Llama), in the model's dtype and device."""
         c = model.config
         max_len = c.max_position_embeddings if max_len is None else max_len
@@ -135,7 +135,7 @@ class ConcatKVCache:
         self.length = 0
 
     @classmethod
-    def for_model(cls, model) -> "ConcatKVCache":
+    def for_model(cls, model) -> ConcatKVCache:
         return cls(model.config.num_layers)
 
     @property
