@@ -18,8 +18,8 @@ seeded by `seed`, so a seeded run is reproducible.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
