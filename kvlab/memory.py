@@ -39,6 +39,9 @@ class KVConfig:
     qk_rope_head_dim: int = 0      # MLA: decoupled RoPE key dimension stored per token and layer
     sliding_window: int | None = None
     sliding_layers: int = 0        # how many of num_layers use the window (Mistral: all; Gemma 2: half)
+    vocab_size: int = 0            # 0 = unknown; needed only to split off the embedding in FLOP counts
+    tie_embeddings: bool = False   # the output projection reuses the input embedding matrix
+    active_params: float | None = None  # weights one token passes through (mixture of experts); None = all
     source: str = ""
     notes: dict = field(default_factory=dict, compare=False)
 
@@ -54,6 +57,11 @@ class KVConfig:
                              f"got {self.sliding_layers}")
         if self.sliding_layers and not (self.sliding_window and self.sliding_window > 0):
             raise ValueError("KVConfig.sliding_window must be positive when sliding_layers > 0")
+        if self.vocab_size < 0:
+            raise ValueError(f"KVConfig.vocab_size must be >= 0 (0 = unknown), got {self.vocab_size}")
+        if self.active_params is not None and not 0 < self.active_params <= self.num_params:
+            raise ValueError(f"KVConfig.active_params must be in (0, num_params={self.num_params}], "
+                             f"got {self.active_params}")
 
     @property
     def attention(self) -> str:
@@ -90,7 +98,9 @@ def as_kv_config(config) -> KVConfig:
                         num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
                         head_dim=config.head_dim, hidden_size=config.hidden_size,
                         num_params=params,
-                        max_context=getattr(config, "max_position_embeddings", 1) or 1)
+                        max_context=getattr(config, "max_position_embeddings", 1) or 1,
+                        vocab_size=getattr(config, "vocab_size", 0) or 0,
+                        tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
     except AttributeError as e:
         raise TypeError("config must be a KVConfig, a model name or a LlamaConfig-like object: "
                         f"{e}") from None
@@ -168,49 +178,61 @@ def max_concurrent_sequences(config, gpu_bytes: float, tokens_per_seq: int, *,
                                                 kv_cache_dtype=kv_cache_dtype)))
 
 
+# Every number below was checked against the cited paper table and the model's published
+# config.json (num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim or
+# hidden_size / heads, vocab_size, tie_word_embeddings, sliding_window, max_position_embeddings).
 MODELS: dict[str, KVConfig] = {
     m.name: m for m in [
         KVConfig("llama-2-7b", num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128,
-                 hidden_size=4096, num_params=6.74e9, max_context=4096,
+                 hidden_size=4096, num_params=6.74e9, max_context=4096, vocab_size=32000,
                  source="Touvron et al., 2023, 'Llama 2: Open Foundation and Fine-Tuned Chat Models', "
                         "Table 1 and the meta-llama/Llama-2-7b-hf config.json"),
         KVConfig("llama-2-13b", num_layers=40, num_heads=40, num_kv_heads=40, head_dim=128,
-                 hidden_size=5120, num_params=13.0e9, max_context=4096,
+                 hidden_size=5120, num_params=13.0e9, max_context=4096, vocab_size=32000,
                  source="Touvron et al., 2023, 'Llama 2', Table 1; meta-llama/Llama-2-13b-hf config.json"),
         KVConfig("llama-2-70b", num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128,
-                 hidden_size=8192, num_params=69.0e9, max_context=4096,
+                 hidden_size=8192, num_params=69.0e9, max_context=4096, vocab_size=32000,
                  source="Touvron et al., 2023, 'Llama 2', Table 1 (GQA for 34B/70B); "
                         "meta-llama/Llama-2-70b-hf config.json"),
         KVConfig("llama-3.1-8b", num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
-                 hidden_size=4096, num_params=8.03e9, max_context=131072,
+                 hidden_size=4096, num_params=8.03e9, max_context=131072, vocab_size=128256,
                  source="Llama Team, 2024, 'The Llama 3 Herd of Models', Table 3; "
                         "meta-llama/Llama-3.1-8B config.json and model card (8.03B params)"),
         KVConfig("llama-3.1-70b", num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128,
-                 hidden_size=8192, num_params=70.6e9, max_context=131072,
+                 hidden_size=8192, num_params=70.6e9, max_context=131072, vocab_size=128256,
                  source="Llama Team, 2024, 'The Llama 3 Herd of Models', Table 3; "
                         "meta-llama/Llama-3.1-70B config.json and model card (70.6B params)"),
         KVConfig("mistral-7b", num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
-                 hidden_size=4096, num_params=7.24e9, max_context=8192,
+                 hidden_size=4096, num_params=7.24e9, max_context=8192, vocab_size=32000,
                  sliding_window=4096, sliding_layers=32,
                  source="Jiang et al., 2023, 'Mistral 7B', Table 1 (window 4096, context 8192, "
-                        "every layer windowed); mistralai/Mistral-7B-v0.1 model card (7.24B params)"),
+                        "every layer windowed); mistralai/Mistral-7B-v0.1 model card (7.24B params)",
+                 notes={"version": "v0.1; v0.2 and later drop the window (sliding_window null, "
+                                   "32k context), so their cache grows with every token"}),
         KVConfig("qwen2.5-7b", num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128,
-                 hidden_size=3584, num_params=7.61e9, max_context=131072,
+                 hidden_size=3584, num_params=7.61e9, max_context=131072, vocab_size=152064,
                  source="Qwen Team, 2024, 'Qwen2.5 Technical Report', Table 1; Qwen/Qwen2.5-7B model "
-                        "card (28 layers, 28 Q / 4 KV heads, 7.61B params, 131,072 context)"),
+                        "card (28 layers, 28 Q / 4 KV heads, 7.61B params, 131,072 context)",
+                 notes={"window": "config.json names a sliding_window but sets use_sliding_window "
+                                  "false: every layer keeps the full context"}),
         KVConfig("deepseek-v3", num_layers=61, num_heads=128, num_kv_heads=128, head_dim=128,
-                 hidden_size=7168, num_params=671e9, max_context=131072,
-                 kv_lora_rank=512, qk_rope_head_dim=64,
+                 hidden_size=7168, num_params=671e9, max_context=131072, vocab_size=129280,
+                 kv_lora_rank=512, qk_rope_head_dim=64, active_params=37e9,
                  source="DeepSeek-AI, 2024, 'DeepSeek-V3 Technical Report', section 4.2 (61 layers, "
-                        "128 heads, d_c = 512, d_h^R = 64, 671B total / 37B active params, 128K context)"),
+                        "128 heads, d_c = 512, d_h^R = 64, 671B total / 37B active params, 128K context); "
+                        "deepseek-ai/DeepSeek-V3 config.json (vocab 129,280)",
+                 notes={"head_dim": "128 is the non-RoPE query/key and the value head size; "
+                                    "queries and keys have 128 + 64 = 192 dims per head"}),
         KVConfig("gemma-2-9b", num_layers=42, num_heads=16, num_kv_heads=8, head_dim=256,
-                 hidden_size=3584, num_params=9.24e9, max_context=8192,
-                 sliding_window=4096, sliding_layers=21,
+                 hidden_size=3584, num_params=9.24e9, max_context=8192, vocab_size=256000,
+                 tie_embeddings=True, sliding_window=4096, sliding_layers=21,
                  source="Gemma Team, 2024, 'Gemma 2: Improving Open Language Models at a Practical "
                         "Size', Table 1 (42 layers, 16 Q / 8 KV heads, head 256, local window 4096 "
-                        "alternating with global layers, context 8192); google/gemma-2-9b card (9.24B)"),
+                        "alternating with global layers, context 8192); google/gemma-2-9b card (9.24B)",
+                 notes={"head_dim": "16 x 256 = 4096 query dims, more than hidden_size 3584"}),
         KVConfig("smollm2-135m", num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
-                 hidden_size=576, num_params=134_515_008, max_context=8192,
+                 hidden_size=576, num_params=134_515_008, max_context=8192, vocab_size=49152,
+                 tie_embeddings=True,
                  source="Allal et al., 2025, 'SmolLM2'; HuggingFaceTB/SmolLM2-135M-Instruct "
                         "config.json and the GGUF metadata kvlab loads (params counted from them)"),
     ]
