@@ -90,3 +90,15 @@ def test_bad_input_names_the_argument():
     assert flops.generation_flops(SMOLLM2_135M, 4, 0, False).total == 0
     assert flops.sum_range(3, 5) == 12 and flops.sum_range(5, 3) == 0
     assert isinstance(LlamaConfig().num_layers, int)
+
+
+@pytest.mark.parametrize("tokens,past", [(1, 0), (10, 0), (1, 100), (7, 33)])
+def test_agrees_with_forward_cost_up_to_the_norm_weights(tokens, past):
+    """kvlab.forward_cost counts from the parameter total, so it also charges 2 FLOPs per token to
+    each RMSNorm weight (h per norm, 2 per layer + the final one); otherwise the two counts agree."""
+    from kvlab.forward_cost import forward_cost
+
+    c = SMOLLM2_135M
+    norm_weights = c.hidden_size * (2 * c.num_layers + 1)
+    assert forward_cost(c, tokens, past).flops - flops.forward_flops(c, tokens, past).total == \
+        2 * norm_weights * tokens
