@@ -34,6 +34,7 @@ Multi-head latent attention is counted as if it attended with num_heads x head_d
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from kvlab.memory import as_kv_config, kv_bytes_per_token
@@ -145,3 +146,16 @@ def generation_cost(config, prompt_tokens: int, new_tokens: int, *, use_cache: b
             forward_cost(config, 1, prompt_tokens + t - 1, batch, **kwargs) for t in range(1, new_tokens)]
     return [forward_cost(config, prompt_tokens + t, 0, batch, use_cache=False, **kwargs)
             for t in range(new_tokens)]
+
+
+def critical_batch(machine, weight_dtype_bytes: float = 2) -> int:
+    """Smallest batch at which a decode step's weight matmuls reach `machine`'s ridge point.
+
+    A decode step of batch B does 2 B FLOPs per weight and reads each weight once
+    (weight_dtype_bytes), so its intensity is about 2 B / weight_dtype_bytes. Below this batch the
+    step is bandwidth-bound and a larger batch comes almost free; above it, compute-bound.
+    KV reads (which grow with B x context) push the real crossover further right.
+    """
+    if not weight_dtype_bytes > 0:
+        raise ValueError(f"weight_dtype_bytes must be positive, got {weight_dtype_bytes}")
+    return max(1, math.ceil(machine.ridge * weight_dtype_bytes / 2))

@@ -1,4 +1,6 @@
 """FLOP and byte counts of a forward pass against hand counts and against brute-force sums."""
+import math
+
 import pytest
 
 from kvlab.forward_cost import ForwardCost, _keys_seen, forward_cost, generation_cost, weight_split
@@ -105,3 +107,13 @@ def test_bad_input_raises():
         weight_split(TOY.replace(num_params=100))
     with pytest.raises(ValueError, match="active_params"):
         TOY.replace(active_params=1e9)
+
+
+def test_critical_batch():
+    from kvlab.forward_cost import critical_batch
+    assert critical_batch(GPUS["H100 SXM"]) == math.ceil(989e12 / 3.35e12) == 296
+    assert critical_batch(GPUS["H200"], 1) == math.ceil(989e12 / 4.8e12 / 2) == 104
+    assert critical_batch(Machine("cpu", peak_flops=5e10, bandwidth=3e10), 4) == 4   # ridge 1.67
+    assert critical_batch(Machine("slow", peak_flops=1.0, bandwidth=100.0)) == 1
+    with pytest.raises(ValueError, match="weight_dtype_bytes"):
+        critical_batch(GPUS["H200"], 0)
