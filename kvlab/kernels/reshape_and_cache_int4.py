@@ -1,0 +1,232 @@
+"""The int4 (KIVI) cache write: rows into the residual window, complete blocks quantized in place.
+
+int4 keys are quantized *per channel over a group of block_size tokens* (kvlab.quant.int4; Liu et
+al., 2024, "KIVI"), so a key cannot be quantized on its own: its scale depends on tokens that do
+not exist yet. kvlab.quant.paged keeps a sequence's last, partial block in full precision (the
+residual window) and quantizes a block once, when its last slot is written, after that step's
+attention. The kernels follow the same timing with GPU-friendly storage:
+
+    residual pool   k_res, v_res [R, BS, Hkv, D] in the model dtype (rows handed out by the caller)
+    res_slot        int32 [NB]: the residual row of block b, or -1 once b is quantized ("sealed")
+
+Launch 1, one program per new token: copy k[n], v[n] into row res_slot[slot // BS], offset
+slot % BS. Launch 2, one program per (new token, KV head), that only works when the token took the
+last slot of its block: read the block's BS full-precision rows back and write
+
+    keys    per channel over the BS tokens: zero = min rounded down to float16, scale =
+            max((max - zero) / 15, float16 tiny) rounded up to float16 -> k_scale, k_zero [NB, Hkv, D]
+    values  per token, per group of 32 channels (the whole head if D < 32), same rule
+            -> v_scale, v_zero [NB, BS, Hkv, D / 32]
+    codes   q = round((x - zero) / scale) clamped to 0..15, two per byte, low nibble = even
+            channel -> k_cache, v_cache uint8 [NB, BS, Hkv, D / 2]
+
+The launches are ordered on the stream, so launch 2 sees every row launch 1 wrote, including the
+other tokens of a block filled by one prefill. Quantizing right away instead of after attention
+changes nothing this step sees: a block whose res_slot is still >= 0 is read from the residual
+pool by the decode kernel (decode_attention_v3), exactly as the PyTorch path reads its residual
+table. The caller sets res_slot[b] = -1 for the sealed blocks after the step's attention, and
+frees their rows; `sealed_blocks` lists them.
+
+Bit-identical to kvlab.quant.int4: every step is the same float32 operation in the same order,
+divisions are IEEE round-to-nearest (tl.math.div_rn, not the GPU's approximate divide), float16
+conversions round to nearest even and are then nudged up or down by one ulp as
+round_up_fp16 / round_down_fp16 do, and round() is half-to-even (the 1.5 * 2**23 trick, see
+reshape_and_cache). Unlike the PyTorch quantizer the kernel does not check its input for inf, nan
+or magnitudes past float16's range (that would need a device-to-host sync): keys and values must
+be finite and below 65504 in magnitude.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvlab.kernels._checks import FLOAT_DTYPES, check_head_dim, check_tensor, next_pow2
+from kvlab.kernels.reshape_and_cache import _rint
+
+LEVELS = 15
+VALUE_GROUP = 32                       # as kvlab.quant.int4.VALUE_GROUP
+
+
+def value_group(D: int) -> int:
+    """Channels per value scale: 32, or the whole head when it is narrower (kvlab.quant.int4)."""
+    return min(VALUE_GROUP, D)
+
+
+@triton.jit
+def _f16_up(s):
+    """float32 s > 0 -> float16, rounded towards +inf (kvlab.quant.common.round_up_fp16)."""
+    s16 = s.to(tl.float16)
+    up = (s16.to(tl.int16, bitcast=True) + 1).to(tl.float16, bitcast=True)
+    return tl.where(s16.to(tl.float32) < s, up, s16)
+
+
+@triton.jit
+def _f16_down(z):
+    """float32 z -> float16, rounded towards -inf (kvlab.quant.common.round_down_fp16). The next
+    float16 below: bits - 1 for a positive number, bits + 1 for a negative one or -0, and the
+    smallest negative subnormal (0x8001) below +0."""
+    z16 = z.to(tl.float16)
+    b = z16.to(tl.int16, bitcast=True)
+    below = tl.where(b > 0, b - 1, tl.where(b == 0, -32767, b + 1)).to(tl.int16)
+    return tl.where(z16.to(tl.float32) > z, below.to(tl.float16, bitcast=True), z16)
+
+
+@triton.jit
+def _params(mn, mx):
+    """(zero, scale) float16 of a group with minimum mn and maximum mx (float32)."""
+    zero = _f16_down(mn)
+    scale = _f16_up(tl.maximum(tl.math.div_rn(mx - zero.to(tl.float32), 15.0), 6.103515625e-05))
+    return zero, scale
+
+
+@triton.jit
+def _codes(x, zero, scale):
+    q = _rint(tl.math.div_rn(x - zero.to(tl.float32), scale.to(tl.float32)))
+    return tl.minimum(tl.maximum(q, 0.0), 15.0).to(tl.int32)
+
+
+@triton.jit
+def _residual_write_kernel(k_ptr, v_ptr, kr_ptr, vr_ptr, rslot_ptr, slot_ptr, H,
+                           BLOCK_SIZE: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + n)
+    blk = tl.maximum(slot, 0) // BLOCK_SIZE
+    row = tl.load(rslot_ptr + blk).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, D)[None, :]
+    mask = (h < H) & (d < D) & ((h * 0 + slot) >= 0) & ((h * 0 + row) >= 0)
+    src = n * H * D + h * D + d
+    dst = ((row * BLOCK_SIZE + tl.maximum(slot, 0) % BLOCK_SIZE) * H + h) * D + d
+    k = tl.load(k_ptr + src, mask=mask, other=0.0)
+    v = tl.load(v_ptr + src, mask=mask, other=0.0)
+    tl.store(kr_ptr + dst, k.to(kr_ptr.dtype.element_ty), mask=mask)
+    tl.store(vr_ptr + dst, v.to(vr_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _seal_kernel(kr_ptr, vr_ptr, rslot_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr,
+                 vs_ptr, vz_ptr, H, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
+                 BLOCK_T: tl.constexpr, VG: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    slot = tl.load(slot_ptr + n)
+    if (slot >= 0) & (slot % BLOCK_SIZE == BLOCK_SIZE - 1):    # this token completed its block
+        blk = slot // BLOCK_SIZE
+        row = tl.load(rslot_ptr + blk).to(tl.int64)
+        t = tl.arange(0, BLOCK_T)[:, None]                       # token of the block
+        e = tl.arange(0, D // 2)[None, :]                        # channel pair: 2e (even), 2e + 1
+        tmask = (t < BLOCK_SIZE) & (e < D // 2)
+        src = ((row * BLOCK_SIZE + t) * H + h) * D + 2 * e
+        dst = ((blk * BLOCK_SIZE + t) * H + h) * (D // 2) + e    # codes [NB, BS, H, D/2]
+
+        # keys: per channel, min and max over the block's tokens
+        ke = tl.load(kr_ptr + src, mask=tmask, other=0.0).to(tl.float32)
+        ko = tl.load(kr_ptr + src + 1, mask=tmask, other=0.0).to(tl.float32)
+        ze, se = _params(tl.min(tl.where(tmask, ke, float("inf")), axis=0),
+                         tl.max(tl.where(tmask, ke, float("-inf")), axis=0))
+        zo, so = _params(tl.min(tl.where(tmask, ko, float("inf")), axis=0),
+                         tl.max(tl.where(tmask, ko, float("-inf")), axis=0))
+        qk = _codes(ke, ze[None, :], se[None, :]) | (_codes(ko, zo[None, :], so[None, :]) << 4)
+        tl.store(kc_ptr + dst, qk.to(tl.uint8), mask=tmask)
+        c = (blk * H + h) * D + 2 * tl.arange(0, D // 2)         # k_scale, k_zero [NB, H, D]
+        tl.store(ks_ptr + c, se)
+        tl.store(ks_ptr + c + 1, so)
+        tl.store(kz_ptr + c, ze)
+        tl.store(kz_ptr + c + 1, zo)
+
+        # values: per token, groups of VG consecutive channels (pair e lies in group 2e // VG)
+        ve = tl.load(vr_ptr + src, mask=tmask, other=0.0).to(tl.float32)
+        vo = tl.load(vr_ptr + src + 1, mask=tmask, other=0.0).to(tl.float32)
+        gid = (2 * e) // VG
+        zf = tl.zeros([BLOCK_T, D // 2], tl.float16)
+        sf = tl.zeros([BLOCK_T, D // 2], tl.float16)
+        tt = tl.arange(0, BLOCK_T)
+        for gi in tl.static_range(D // VG):
+            ing = gid == gi
+            mn = tl.minimum(tl.min(tl.where(ing, ve, float("inf")), axis=1),
+                            tl.min(tl.where(ing, vo, float("inf")), axis=1))
+            mx = tl.maximum(tl.max(tl.where(ing, ve, float("-inf")), axis=1),
+                            tl.max(tl.where(ing, vo, float("-inf")), axis=1))
+            zg, sg = _params(mn, mx)                              # [BLOCK_T]
+            zf = tl.where(ing, zg[:, None], zf)
+            sf = tl.where(ing, sg[:, None], sf)
+            g_dst = ((blk * BLOCK_SIZE + tt) * H + h) * (D // VG) + gi   # [NB, BS, H, D/VG]
+            tl.store(vs_ptr + g_dst, sg, mask=tt < BLOCK_SIZE)
+            tl.store(vz_ptr + g_dst, zg, mask=tt < BLOCK_SIZE)
+        qv = _codes(ve, zf, sf) | (_codes(vo, zf, sf) << 4)
+        tl.store(vc_ptr + dst, qv.to(tl.uint8), mask=tmask)
+
+
+def check_int4_cache(k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, k_res, v_res, res_slot,
+                     D: int, model_dtype=None) -> tuple[int, int, int]:
+    """Shapes and dtypes of an int4 cache (docs/architecture.md section 4) and its residual pool;
+    returns (NB, BS, Hkv)."""
+    check_tensor("k_cache", k_cache, dtypes=(torch.uint8,), ndim=4)
+    NB, BS, H, half = k_cache.shape
+    if half * 2 != D:
+        raise ValueError(f"an int4 k_cache packs two channels per byte: its last dimension must be "
+                         f"head dim / 2 = {D // 2}, got {half}")
+    dev = k_cache.device
+    check_tensor("v_cache", v_cache, dtypes=(torch.uint8,), shape=(NB, BS, H, half), device=dev)
+    NG = D // value_group(D)
+    for name, t in (("k_scale", k_scale), ("k_zero", k_zero), ("v_scale", v_scale),
+                    ("v_zero", v_zero), ("k_res", k_res), ("v_res", v_res),
+                    ("res_slot", res_slot)):
+        if t is None:
+            raise ValueError(f"{name} is required for an int4 (uint8) cache")
+    for name, t in (("k_scale", k_scale), ("k_zero", k_zero)):
+        check_tensor(name, t, dtypes=(torch.float16,), ndim=3, shape=(NB, H, D), device=dev)
+    for name, t in (("v_scale", v_scale), ("v_zero", v_zero)):
+        check_tensor(name, t, dtypes=(torch.float16,), ndim=4, shape=(NB, BS, H, NG), device=dev)
+    check_tensor("k_res", k_res, dtypes=FLOAT_DTYPES if model_dtype is None else (model_dtype,),
+                 ndim=4, device=dev)
+    if k_res.shape[0] < 1 or tuple(k_res.shape[1:]) != (BS, H, D):
+        raise ValueError(f"k_res (the residual pool) must have shape [R >= 1, {BS}, {H}, {D}], "
+                         f"got {tuple(k_res.shape)}")
+    check_tensor("v_res", v_res, dtypes=(k_res.dtype,), shape=tuple(k_res.shape), device=dev)
+    check_tensor("res_slot", res_slot, dtypes=(torch.int32,), ndim=1, shape=(NB,), device=dev)
+    return NB, BS, H
+
+
+def reshape_and_cache_int4(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, *, k_zero,
+                           v_zero, k_res, v_res, res_slot) -> None:
+    """Write k, v [N, Hkv, D] into the residual rows of their slots, then quantize every block
+    whose last slot is among `slot_mapping` (see the module docstring for the layout).
+
+    Every block written must have a residual row (res_slot[slot // BS] >= 0): a ValueError
+    otherwise (this check reads res_slot on the host)."""
+    check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=3)
+    N, H, D = k.shape
+    check_head_dim(D)
+    check_tensor("v", v, dtypes=(k.dtype,), shape=(N, H, D), device=k.device)
+    NB, BS, Hc = check_int4_cache(k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, k_res, v_res,
+                                  res_slot, D, model_dtype=k.dtype)
+    if k_cache.device != k.device:
+        raise ValueError(f"k_cache is on {k_cache.device}, expected {k.device}")
+    if Hc != H:
+        raise ValueError(f"k has {H} KV heads but k_cache has {Hc}")
+    check_tensor("slot_mapping", slot_mapping, dtypes=(torch.int64,), shape=(N,), device=k.device)
+    if N == 0:
+        return
+    used = slot_mapping[slot_mapping >= 0]
+    if used.numel():
+        if int(used.max()) >= NB * BS:
+            raise ValueError(f"slot_mapping holds slot {int(used.max())}; the cache has "
+                             f"{NB * BS} slots")
+        rows = res_slot[used // BS]
+        if bool((rows < 0).any()) or int(rows.max()) >= k_res.shape[0]:
+            raise ValueError("every written block needs a residual row: res_slot[slot // "
+                             f"block_size] must lie in [0, {k_res.shape[0]}) for each slot")
+    _residual_write_kernel[(N,)](k, v, k_res, v_res, res_slot, slot_mapping, H,
+                                 BLOCK_SIZE=BS, D=D, BLOCK_H=next_pow2(H))
+    _seal_kernel[(N, H)](k_res, v_res, res_slot, slot_mapping, k_cache, v_cache, k_scale, k_zero,
+                         v_scale, v_zero, H, BLOCK_SIZE=BS, D=D, BLOCK_T=next_pow2(BS),
+                         VG=value_group(D))
+
+
+def sealed_blocks(slot_mapping: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The block ids `reshape_and_cache_int4` quantized for this slot mapping: those whose last
+    slot it wrote. After the step's attention, set res_slot[them] = -1 and free their rows."""
+    s = slot_mapping[slot_mapping >= 0]
+    return s[s % block_size == block_size - 1] // block_size
