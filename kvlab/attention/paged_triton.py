@@ -5,7 +5,13 @@
     paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
 
 Quantized caches (int8, float8_e4m3fn) take two extra keyword arguments, `k_scale` and `v_scale`
-(docs/architecture.md, section 4); for a model-dtype cache they stay None.
+(docs/architecture.md, section 4); for a model-dtype cache they stay None. An int4 cache (uint8,
+two channels per byte) takes k_scale, v_scale and five more: k_zero, v_zero, the full-precision
+residual pool k_res, v_res [R, BS, Hkv, D] and res_slot int32 [NB] (block -> residual row, -1 once
+quantized); kvlab/kernels/reshape_and_cache_int4.py describes them. The int4 write quantizes a
+block as soon as its last slot is written but leaves its residual row mapped, so this step's
+attention still reads it in full precision, as kvlab.quant.paged does; after the attention the
+caller unmaps the blocks `int4_sealed_blocks(slot_mapping, block_size)` names.
 
 Decode uses version 3 (split-K with fused dequantization). Prefill over cached prefix blocks
 reuses the same kernel: query i of sequence s, at absolute position context_len - q_len + i, is a
@@ -22,23 +28,28 @@ import torch
 from kvlab.kernels._checks import check_tensor
 from kvlab.kernels.decode_attention_v3 import paged_decode_attention_v3
 from kvlab.kernels.reshape_and_cache import reshape_and_cache as _reshape_and_cache
+from kvlab.kernels.reshape_and_cache_int4 import sealed_blocks as int4_sealed_blocks
+
+__all__ = ["reshape_and_cache", "paged_decode_attention", "paged_prefill_attention",
+           "int4_sealed_blocks"]
 
 
-def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
+def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None,
+                      **int4) -> None:
     """Write k, v [N, Hkv, D] into the slots `slot_mapping` [N] int64 (< 0: skipped)."""
     _reshape_and_cache(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping,
-                       k_scale, v_scale)
+                       k_scale, v_scale, **int4)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
-                           k_scale=None, v_scale=None) -> torch.Tensor:
+                           k_scale=None, v_scale=None, **int4) -> torch.Tensor:
     """One query per sequence, q [S, Hq, D] -> [S, Hq, D]."""
     return paged_decode_attention_v3(q.contiguous(), k_cache, v_cache, block_tables,
-                                     context_lens, scale, k_scale=k_scale, v_scale=v_scale)
+                                     context_lens, scale, k_scale=k_scale, v_scale=v_scale, **int4)
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens,
-                            scale, k_scale=None, v_scale=None) -> torch.Tensor:
+                            scale, k_scale=None, v_scale=None, **int4) -> torch.Tensor:
     """Packed queries q [N, Hq, D]; sequence s owns rows query_start_loc[s]:query_start_loc[s+1],
     the last q_len positions of its context_lens[s] tokens -> [N, Hq, D]."""
     N = q.shape[0]
@@ -54,4 +65,4 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, 
     tok_ctx = (pos + 1).to(torch.int32)
     tok_tables = block_tables[seq].contiguous()
     return paged_decode_attention_v3(q.contiguous(), k_cache, v_cache, tok_tables, tok_ctx,
-                                     scale, k_scale=k_scale, v_scale=v_scale)
+                                     scale, k_scale=k_scale, v_scale=v_scale, **int4)

@@ -65,14 +65,19 @@ def _decode_v1_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, out_ptr, qk_scale,
     tl.store(out_ptr + (s * Hq + h) * D + d, out.to(out_ptr.dtype.element_ty))
 
 
-def check_decode_args(q, k_cache, v_cache, block_tables, context_lens, float_cache=True):
-    """Shapes, dtypes, devices and contiguity of a paged decode launch; returns (S, Hq, Hkv, D, BS)."""
+def check_decode_args(q, k_cache, v_cache, block_tables, context_lens, float_cache=True,
+                      packed=False):
+    """Shapes, dtypes, devices and contiguity of a paged decode launch; returns (S, Hq, Hkv, D, BS).
+    `packed`: an int4 cache, two channels per byte (last dimension D / 2)."""
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
     S, Hq, D = q.shape
     check_head_dim(D)
     check_tensor("k_cache", k_cache, ndim=4, device=q.device)
     NB, BS, Hkv, Dk = k_cache.shape
-    if Dk != D:
+    if packed and Dk * 2 != D:
+        raise ValueError(f"an int4 k_cache packs two channels per byte: its last dimension must be "
+                         f"q's head dim / 2 = {D // 2}, got {Dk}")
+    if not packed and Dk != D:
         raise ValueError(f"k_cache head dim {Dk} does not match q head dim {D}")
     if Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")

@@ -20,9 +20,17 @@ tile is converted in registers, and the scales are folded where they cost least:
   int8  (per token, per KV head float16 scale): scores = (Q @ K_int^T) * k_scale[token], and V's scale
         multiplies the probabilities before P @ V_int. Integers up to 127 are exact in bf16/fp16.
   fp8   (per tensor or per KV head scale): scores *= k_scale[kvh]; the output *= v_scale[kvh].
-With a bf16 q the two dots of a quantized cache run in fp16: int8 codes and e4m3 values are exact
-in fp16, which converts from them in fewer instructions than bf16 does (q must then fit fp16's
-range, |q| < 65504, true of every model we serve). A single partition writes the output directly.
+  int4  (KIVI, kvlab.quant.int4; layout in reshape_and_cache_int4): each token's D/2 bytes are
+        loaded once per nibble (byte d // 2, shifted by 4 (d % 2)), and the tile is dequantized in
+        registers, x = q * scale + zero: keys with their block's per-channel scale/zero [D],
+        values with the token's per-group scale/zero. Tokens of a block that still has a residual
+        row (res_slot[block] >= 0: the partial last block, or one sealed this step) are read in
+        full precision from the residual pool instead, as kvlab.quant.paged reads its residual
+        window. The dots then run in q's dtype, on the same numbers the PyTorch path dequantizes.
+With a bf16 q the two dots of an int8 or fp8 cache run in fp16: int8 codes and e4m3 values are
+exact in fp16, which converts from them in fewer instructions than bf16 does (q must then fit
+fp16's range, |q| < 65504, true of every model we serve). A single partition writes the output
+directly.
 """
 from __future__ import annotations
 
@@ -32,7 +40,8 @@ import triton.language as tl
 
 from kvlab.kernels._checks import next_pow2
 from kvlab.kernels.decode_attention_v1 import LOG2E, check_decode_args
-from kvlab.kernels.reshape_and_cache import FMT_FLOAT, cache_format, check_scales
+from kvlab.kernels.reshape_and_cache import FMT_FLOAT, FMT_INT4, cache_format, check_scales
+from kvlab.kernels.reshape_and_cache_int4 import check_int4_cache, value_group
 
 
 @triton.jit
@@ -45,14 +54,38 @@ def _int8_to_fp16(x):
 
 
 @triton.jit
-def _decode_v3_partition_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, ctx_ptr,
+def _int4_tile(c_ptr, s_ptr, z_ptr, r_ptr, rs_ptr, blk, off, valid, d, kvh,
+               Hkv: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr, KEYS: tl.constexpr,
+               VG: tl.constexpr):
+    """Dequantized int4 tile [BLOCK_N, D] (float32); rows of residual blocks from the pool."""
+    rrow = tl.load(rs_ptr + blk, mask=valid, other=-1)             # residual row, or -1: sealed
+    quant = valid & (rrow < 0)
+    byte = ((blk * BLOCK_SIZE + off) * Hkv + kvh) * (D // 2)         # codes [NB, BS, Hkv, D/2]
+    c = tl.load(c_ptr + byte[:, None] + (d // 2)[None, :], mask=quant[:, None], other=0)
+    code = ((c.to(tl.int32) >> (4 * (d % 2))[None, :]) & 15).to(tl.float32)
+    if KEYS:   # per block, per channel: scale, zero [NB, Hkv, D]
+        sz = (blk * Hkv + kvh)[:, None] * D + d[None, :]
+    else:      # per token, per group of VG channels: [NB, BS, Hkv, D / VG]
+        sz = ((blk * BLOCK_SIZE + off) * Hkv + kvh)[:, None] * (D // VG) + (d // VG)[None, :]
+    sc = tl.load(s_ptr + sz, mask=quant[:, None], other=0.0).to(tl.float32)
+    zp = tl.load(z_ptr + sz, mask=quant[:, None], other=0.0).to(tl.float32)
+    x = code * sc + zp
+    res = valid & (rrow >= 0)
+    r = ((tl.maximum(rrow, 0).to(tl.int64) * BLOCK_SIZE + off) * Hkv + kvh) * D   # pool [R, BS, Hkv, D]
+    xr = tl.load(r_ptr + r[:, None] + d[None, :], mask=res[:, None], other=0.0).to(tl.float32)
+    return tl.where(res[:, None], xr, x)
+
+
+@triton.jit
+def _decode_v3_partition_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, kr_ptr,
+                                vr_ptr, rs_ptr, bt_ptr, ctx_ptr,
                                 po_ptr, plse_ptr, qk_scale, max_blocks, num_parts,
                                 stride_cb, stride_ct, stride_sb, stride_st,
                                 GROUP: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr,
                                 BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
                                 BLOCK_N: tl.constexpr, PART: tl.constexpr, FMT: tl.constexpr,
                                 SCALE_STRIDE_H: tl.constexpr, PRECISION: tl.constexpr,
-                                FP16_DOT: tl.constexpr, DIRECT: tl.constexpr):
+                                FP16_DOT: tl.constexpr, DIRECT: tl.constexpr, VG: tl.constexpr):
     s = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
@@ -80,7 +113,11 @@ def _decode_v3_partition_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, c
         blk = tl.load(bt_ptr + s * max_blocks + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         tok = blk * BLOCK_SIZE + pos % BLOCK_SIZE                 # flat slot of each token
         row = blk * stride_cb + (pos % BLOCK_SIZE) * stride_ct + kvh * D
-        k = tl.load(kc_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        if FMT == 3:
+            k = _int4_tile(kc_ptr, ks_ptr, kz_ptr, kr_ptr, rs_ptr, blk, pos % BLOCK_SIZE, valid, d,
+                           kvh, Hkv, D, BLOCK_SIZE, True, VG)
+        else:
+            k = tl.load(kc_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         if FMT == 1:
             k = _int8_to_fp16(k)
         scores = tl.dot(q, tl.trans(k.to(dot_ty)), input_precision=PRECISION) * qk_scale
@@ -92,7 +129,11 @@ def _decode_v3_partition_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, c
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
-        v = tl.load(vc_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        if FMT == 3:
+            v = _int4_tile(vc_ptr, vs_ptr, vz_ptr, vr_ptr, rs_ptr, blk, pos % BLOCK_SIZE, valid, d,
+                           kvh, Hkv, D, BLOCK_SIZE, False, VG)
+        else:
+            v = tl.load(vc_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         if FMT == 1:
             v_sc = tl.load(vs_ptr + tok * Hkv + kvh, mask=valid, other=0.0).to(tl.float32)
             p = p * v_sc[None, :]
@@ -150,17 +191,29 @@ def choose_partition(S: int, Hkv: int, max_ctx: int, block_n: int, device) -> in
 
 def paged_decode_attention_v3(q, k_cache, v_cache, block_tables, context_lens, scale,
                               k_scale=None, v_scale=None, out=None, partition_size=None,
-                              block_n=64, num_warps=4, num_stages=2):
+                              block_n=64, num_warps=4, num_stages=2, k_zero=None, v_zero=None,
+                              k_res=None, v_res=None, res_slot=None):
     """q [S, Hq, D]; caches [NB, BS, Hkv, D] in q's dtype, int8 or float8_e4m3fn (then with
     k_scale/v_scale as in docs/architecture.md section 4) -> [S, Hq, D] in q's dtype.
+    int4: uint8 caches [NB, BS, Hkv, D/2] with k_scale, k_zero [NB, Hkv, D], v_scale, v_zero
+    [NB, BS, Hkv, D/32] (float16), the residual pool k_res, v_res [R, BS, Hkv, D] in q's dtype
+    and res_slot int32 [NB] (reshape_and_cache_int4).
 
     The grid is sized from block_tables.shape[1] * BS (an upper bound on the context that needs
     no device-to-host sync); `partition_size` (a multiple of block_n) overrides the heuristic.
     """
     fmt = cache_format(k_cache)
     S, Hq, Hkv, D, BS = check_decode_args(q, k_cache, v_cache, block_tables, context_lens,
-                                          float_cache=fmt == FMT_FLOAT)
-    per_head = check_scales(fmt, k_cache, k_scale, v_scale)
+                                          float_cache=fmt == FMT_FLOAT, packed=fmt == FMT_INT4)
+    int4 = (k_zero, v_zero, k_res, v_res, res_slot)
+    if fmt == FMT_INT4:
+        check_int4_cache(k_cache, v_cache, k_scale, v_scale, *int4, D, model_dtype=q.dtype)
+        per_head = 0
+    else:
+        if any(t is not None for t in int4):
+            raise ValueError("k_zero, v_zero, k_res, v_res, res_slot are only for an int4 (uint8) "
+                             f"cache, not {k_cache.dtype}")
+        per_head = check_scales(fmt, k_cache, k_scale, v_scale)
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     out = torch.empty_like(q) if out is None else out
@@ -178,14 +231,14 @@ def paged_decode_attention_v3(q, k_cache, v_cache, block_tables, context_lens, s
         plse = torch.empty(S, Hq, P, device=q.device, dtype=torch.float32)
     qk_scale = scale * LOG2E
     dummy = context_lens
+    opt = [t if t is not None else dummy for t in (k_scale, v_scale, *int4)]
     _decode_v3_partition_kernel[(S, Hkv, P)](
-        q, k_cache, v_cache, k_scale if k_scale is not None else dummy,
-        v_scale if v_scale is not None else dummy, block_tables, context_lens, po, plse,
+        q, k_cache, v_cache, *opt, block_tables, context_lens, po, plse,
         qk_scale, block_tables.shape[1], P, k_cache.stride(0), k_cache.stride(1),
         BS * Hkv, Hkv, GROUP=Hq // Hkv, Hkv=Hkv, D=D, BLOCK_SIZE=BS,
         BLOCK_G=max(16, next_pow2(Hq // Hkv)), BLOCK_N=block_n, PART=part, FMT=fmt,
         SCALE_STRIDE_H=per_head, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        FP16_DOT=fmt != FMT_FLOAT and q.dtype == torch.bfloat16, DIRECT=P == 1,
+        FP16_DOT=fmt in (1, 2) and q.dtype == torch.bfloat16, DIRECT=P == 1, VG=value_group(D),
         num_warps=num_warps, num_stages=num_stages)
     if P > 1:
         _decode_v3_reduce_kernel[(S * Hq,)](po, plse, out, P, D=D, BLOCK_P=next_pow2(P))
