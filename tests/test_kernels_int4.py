@@ -181,6 +181,16 @@ def test_decode_fp16_and_odd_block_size():
     assert rel_err(out, reference_decode(q, kd, vd, bt, ctx)) < 5e-3
 
 
+def test_decode_bf16_query():
+    """bf16 queries and residual pool: the dots run in fp16 (see decode_attention_v3)."""
+    lens = [3, 70]
+    kc, vc, args, kd, vd, bt, ctx = int4_cache(lens, 2, 64, dtype=torch.bfloat16, seed=9)
+    q = torch.randn(len(lens), 8, 64, device=DEVICE).bfloat16()
+    out = decode(q, kc, vc, bt, ctx, args)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, reference_decode(q, kd, vd, bt, ctx)) < 1e-2
+
+
 def test_decode_rejects_bad_inputs():
     kc, vc, args, kd, vd, bt, ctx = int4_cache([5, 20], 2, 64, seed=5)
     q = torch.randn(2, 4, 64, device=DEVICE)

@@ -26,11 +26,12 @@ tile is converted in registers, and the scales are folded where they cost least:
         values with the token's per-group scale/zero. Tokens of a block that still has a residual
         row (res_slot[block] >= 0: the partial last block, or one sealed this step) are read in
         full precision from the residual pool instead, as kvlab.quant.paged reads its residual
-        window. The dots then run in q's dtype, on the same numbers the PyTorch path dequantizes.
-With a bf16 q the two dots of an int8 or fp8 cache run in fp16: int8 codes and e4m3 values are
-exact in fp16, which converts from them in fewer instructions than bf16 does (q must then fit
-fp16's range, |q| < 65504, true of every model we serve). A single partition writes the output
-directly.
+        window. The dots see the numbers the PyTorch path dequantizes (kvlab.quant.int4).
+With a bf16 q the two dots of a quantized cache run in fp16: int8 codes and e4m3 values are exact
+in fp16, which converts from them in fewer instructions than bf16 does, and dequantized int4
+values keep 3 more mantissa bits than bf16 (q and int4 values must then fit fp16's range,
+|x| < 65504: int4 already requires it, and every model we serve meets it for q). A single
+partition writes the output directly.
 """
 from __future__ import annotations
 
@@ -238,7 +239,7 @@ def paged_decode_attention_v3(q, k_cache, v_cache, block_tables, context_lens, s
         BS * Hkv, Hkv, GROUP=Hq // Hkv, Hkv=Hkv, D=D, BLOCK_SIZE=BS,
         BLOCK_G=max(16, next_pow2(Hq // Hkv)), BLOCK_N=block_n, PART=part, FMT=fmt,
         SCALE_STRIDE_H=per_head, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        FP16_DOT=fmt in (1, 2) and q.dtype == torch.bfloat16, DIRECT=P == 1, VG=value_group(D),
+        FP16_DOT=fmt != FMT_FLOAT and q.dtype == torch.bfloat16, DIRECT=P == 1, VG=value_group(D),
         num_warps=num_warps, num_stages=num_stages)
     if P > 1:
         _decode_v3_reduce_kernel[(S * Hq,)](po, plse, out, P, D=D, BLOCK_P=next_pow2(P))
