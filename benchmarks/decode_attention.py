@@ -7,13 +7,17 @@ Llama-3-8B's head layout (32 query heads, 8 KV heads, head dim 128), one decode 
 every sequence `ctx` tokens long, blocks of 16 tokens scattered at random over the pool. For each
 batch x context it times, with triton.testing.do_bench (median; L2 flushed between repeats):
 
-  kvlab v3 (split-K) on bf16, int8 and fp8 caches, and v1, v2 on bf16   (kvlab.kernels)
+  kvlab v3 (split-K) on bf16, int8, fp8 and int4 caches, v1, v2 on bf16 (kvlab.kernels)
   SDPA on a contiguous [B, Hkv, ctx, D] cache                            (F.scaled_dot_product_attention)
   FlexAttention over a paged cache (128-token pages)                     (where this torch has it)
   the PyTorch gather reference                                           (kvlab.attention.paged_torch)
 
 Achieved bandwidth counts the bytes that must be read once: K and V of every context token (plus
-int8 scales), q and the output. The device-to-device copy bandwidth, measured in the same run
+int8 scales; int4 codes, scales, zeros and each sequence's full-precision residual block), q and
+the output. The int4 cache (KIVI layout, kvlab/kernels/reshape_and_cache_int4.py) holds random
+codes and scales, with each sequence's last block in the bf16 residual pool as during a real decode
+step; its output is checked against the gather reference over the cache kvlab.quant.int4
+dequantizes. The device-to-device copy bandwidth, measured in the same run
 (bytes read + bytes written), is the practical ceiling. Results: <out>.json and <out>.md.
 """
 from __future__ import annotations
@@ -75,6 +79,36 @@ def fp8_cache(k):
     return (k * 0.5).to(torch.float8_e4m3fn), torch.ones(HKV, device="cuda")
 
 
+def int4_cache(bt, g):
+    """Random int4 codes, scales and zeros for NB blocks; each sequence's last block (the one a
+    decode step writes) in the bf16 residual pool. Returns (k_codes, v_codes, kwargs, bytes)."""
+    NB, B = bt.numel(), bt.shape[0]
+    kw = dict(device="cuda", generator=g)
+    codes = [torch.randint(0, 256, (NB, BS, HKV, D // 2), dtype=torch.uint8, **kw) for _ in "kv"]
+    ks = (torch.rand(NB, HKV, D, **kw) * 0.2 + 0.05).half()
+    vs = (torch.rand(NB, BS, HKV, D // 32, **kw) * 0.2 + 0.05).half()
+    res_slot = torch.full((NB,), -1, device="cuda", dtype=torch.int32)
+    res_slot[bt[:, -1].long()] = torch.arange(B, device="cuda", dtype=torch.int32)
+    res = [torch.randn(B, BS, HKV, D, dtype=torch.bfloat16, **kw) for _ in "kv"]
+    args = dict(k_zero=(-7.5 * ks).half(), v_zero=(-7.5 * vs).half(), k_res=res[0], v_res=res[1],
+                res_slot=res_slot)
+    nbytes = 2 * codes[0].numel() + 2 * (ks.numel() + vs.numel()) * 2 + NB * 4
+    return codes[0], codes[1], ks, vs, args, nbytes
+
+
+def int4_reference_error(q, bt, ctx, scale, g):
+    """v3 on a random int4 cache against the gather reference over kvlab.quant.int4's dequantization."""
+    from kvlab.quant import int4
+    kc, vc, ks, vs, a, _ = int4_cache(bt, g)
+    kd = int4.dequantize_keys(kc, ks, a["k_zero"], torch.bfloat16)
+    vd = int4.dequantize_values(vc, vs, a["v_zero"], torch.bfloat16)
+    rows = a["res_slot"] >= 0
+    kd[rows], vd[rows] = a["k_res"][a["res_slot"][rows].long()], a["v_res"][a["res_slot"][rows].long()]
+    ref = paged_torch.paged_decode_attention(q, kd, vd, bt, ctx, scale)
+    out = paged_decode_attention_v3(q, kc, vc, bt, ctx, scale, ks, vs, **a)
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
 def flex_setup(kc, vc, B, ctx):
     """FlexAttention's paged form (what torch's PagedAttention builds): one pool [1, Hkv, pages * 128,
     D] holding every sequence's 128-token pages in a random order, and a BlockMask whose KV block
@@ -119,14 +153,17 @@ def run(args):
     v8, vs8 = int8_cache(v, g)
     kf8, sf8 = fp8_cache(k)
     vf8, _ = fp8_cache(v)
-    caches = {"bf16": (k, v, None, None), "int8": (k8, v8, ks8, vs8), "fp8": (kf8, vf8, sf8, sf8)}
+    k4, v4, ks4, vs4, a4, _ = int4_cache(bt, g)
+    caches = {"bf16": (k, v, None, None, {}), "int8": (k8, v8, ks8, vs8, {}),
+              "fp8": (kf8, vf8, sf8, sf8, {}), "int4": (k4, v4, ks4, vs4, a4)}
     best = {}
-    for fmt, (kc, vc, ks, vs) in caches.items():
+    for fmt, (kc, vc, ks, vs, extra) in caches.items():
         t = {}
         for cfg in TUNE:
             bn, w, st = cfg
             t[cfg] = bench(lambda: paged_decode_attention_v3(q, kc, vc, bt, ctx, scale, ks, vs,
-                                                             block_n=bn, num_warps=w, num_stages=st))
+                                                             block_n=bn, num_warps=w, num_stages=st,
+                                                             **extra))
         best[fmt] = min(t, key=t.get)
         notes.append(f"tune {fmt} (B=32, ctx=8192): " +
                      ", ".join(f"{c}: {ms * 1e3:.0f} us" for c, ms in t.items()))
@@ -136,6 +173,11 @@ def run(args):
     out = paged_decode_attention_v3(q, k, v, bt, ctx, scale)
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     notes.append(f"v3 bf16 vs gather reference at B=32, ctx=8192: relative error {err:.2e}")
+    print(notes[-1])
+    k4 = v4 = ks4 = vs4 = a4 = None
+    err = int4_reference_error(q, bt, ctx, scale, g)
+    notes.append(f"v3 int4 vs gather reference over kvlab.quant.int4's dequantization at B=32, "
+                 f"ctx=8192: relative error {err:.2e}")
     print(notes[-1])
     k = v = k8 = v8 = kf8 = vf8 = caches = None   # free the memory before the next configuration
     torch.cuda.empty_cache()
@@ -154,10 +196,11 @@ def run(args):
             io = 2 * B * HQ * D * 2
             res = {}
 
-            def v3(kc, vc, ks, vs, fmt):
+            def v3(kc, vc, ks, vs, fmt, **extra):
                 bn, w, st = best[fmt]
                 return lambda: paged_decode_attention_v3(q, kc, vc, bt, ctx, scale, ks, vs,
-                                                         block_n=bn, num_warps=w, num_stages=st)
+                                                         block_n=bn, num_warps=w, num_stages=st,
+                                                         **extra)
             res["kvlab_v3_bf16"] = (bench(v3(k, v, None, None, "bf16")), kv_bytes + io)
             res["kvlab_v2_bf16"] = (bench(lambda: paged_decode_attention_v2(q, k, v, bt, ctx, scale)),
                                     kv_bytes + io)
@@ -172,6 +215,10 @@ def run(args):
             vf8, _ = fp8_cache(v)
             res["kvlab_v3_fp8"] = (bench(v3(kf8, vf8, sf8, sf8, "fp8")), kv_bytes // 2 + io)
             kf8 = vf8 = None   # free the memory before the next configuration
+            k4, v4, ks4, vs4, a4, b4 = int4_cache(bt, g)
+            res["kvlab_v3_int4"] = (bench(v3(k4, v4, ks4, vs4, "int4", **a4)),
+                                    b4 + 2 * B * BS * HKV * D * 2 + io)   # + residual blocks
+            k4 = v4 = ks4 = vs4 = a4 = None   # free the memory before the next configuration
             kc = k.view(B, L, HKV, D).transpose(1, 2).contiguous()     # SDPA's contiguous cache
             vc = v.view(B, L, HKV, D).transpose(1, 2).contiguous()
             res["sdpa_contiguous_bf16"] = (bench(lambda: F.scaled_dot_product_attention(
@@ -249,8 +296,7 @@ def main():
                  "~1000x slower and its timings mean nothing)")
     t0 = time.time()
     bw, best, rows, notes = run(args)
-    notes.append("int4: no fused int4 decode kernel yet (not timed). "
-                 f"Sweep wall time {time.time() - t0:.0f} s.")
+    notes.append(f"Sweep wall time {time.time() - t0:.0f} s.")
     write(args.out, environment(), bw, best, rows, notes)
 
 
