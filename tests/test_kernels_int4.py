@@ -26,7 +26,8 @@ def int4_cache(lens, Hkv, D, bs=BS, dtype=torch.float32, seed=0, sealed_this_ste
     as kvlab.quant.paged holds it during a step's attention. Returns the kernel's arguments and the
     float cache kvlab.quant reads (dequantized blocks, residual blocks in full precision)."""
     k, v, bt, ctx = random_paged(lens, Hkv, D, bs, seed=seed)
-    k = k * torch.rand(1, 1, 1, D, device=DEVICE) * 3 + torch.randn(1, 1, 1, D, device=DEVICE)
+    g = torch.Generator().manual_seed(seed)                      # outlier channels, offsets
+    k = k * (torch.rand(D, generator=g) * 3).to(DEVICE) + torch.randn(D, generator=g).to(DEVICE)
     kc, ks, kz = int4.quantize_keys(k)
     vc, vs, vz = int4.quantize_values(v)
     kd, vd = int4.dequantize_keys(kc, ks, kz, dtype), int4.dequantize_values(vc, vs, vz, dtype)
@@ -138,6 +139,8 @@ def test_write_rejects_bad_inputs():
     slots = torch.tensor([0, 1, 2], device=DEVICE)
     with pytest.raises(ValueError, match="residual row"):          # res_slot[0] is -1
         reshape_and_cache_int4(k, v, kc, vc, slots, **a)
+    reshape_and_cache_int4(k, v, kc, vc, slots, **a, check_slots=False)   # unchecked: no write
+    assert torch.isnan(a["k_res"]).all() and (kc == 0xFF).all()
     a["res_slot"][0] = 0
     with pytest.raises(ValueError, match="k_zero is required"):
         reshape_and_cache(k, v, kc, vc, slots, **{**a, "k_zero": None})

@@ -111,9 +111,9 @@ def _seal_kernel(kr_ptr, vr_ptr, rslot_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     slot = tl.load(slot_ptr + n)
-    if (slot >= 0) & (slot % BLOCK_SIZE == BLOCK_SIZE - 1):    # this token completed its block
-        blk = slot // BLOCK_SIZE
-        row = tl.load(rslot_ptr + blk).to(tl.int64)
+    blk = tl.maximum(slot, 0) // BLOCK_SIZE
+    row = tl.load(rslot_ptr + blk).to(tl.int64)
+    if (slot >= 0) & (slot % BLOCK_SIZE == BLOCK_SIZE - 1) & (row >= 0):   # completed its block
         t = tl.arange(0, BLOCK_T)[:, None]                       # token of the block
         e = tl.arange(0, D // 2)[None, :]                        # channel pair: 2e (even), 2e + 1
         tmask = (t < BLOCK_SIZE) & (e < D // 2)
@@ -190,12 +190,14 @@ def check_int4_cache(k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, k_res, 
 
 
 def reshape_and_cache_int4(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, *, k_zero,
-                           v_zero, k_res, v_res, res_slot) -> None:
+                           v_zero, k_res, v_res, res_slot, check_slots: bool = True) -> None:
     """Write k, v [N, Hkv, D] into the residual rows of their slots, then quantize every block
     whose last slot is among `slot_mapping` (see the module docstring for the layout).
 
-    Every block written must have a residual row (res_slot[slot // BS] >= 0): a ValueError
-    otherwise (this check reads res_slot on the host)."""
+    Every block written must have a residual row (res_slot[slot // BS] in [0, R)) and every slot
+    must exist: a ValueError otherwise. That check reads slot_mapping and res_slot on the host (a
+    device sync); `check_slots=False` skips it, and then a token whose block has no row is
+    silently not written."""
     check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=3)
     N, H, D = k.shape
     check_head_dim(D)
@@ -209,7 +211,7 @@ def reshape_and_cache_int4(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scal
     check_tensor("slot_mapping", slot_mapping, dtypes=(torch.int64,), shape=(N,), device=k.device)
     if N == 0:
         return
-    used = slot_mapping[slot_mapping >= 0]
+    used = slot_mapping[slot_mapping >= 0] if check_slots else slot_mapping[:0]
     if used.numel():
         if int(used.max()) >= NB * BS:
             raise ValueError(f"slot_mapping holds slot {int(used.max())}; the cache has "
