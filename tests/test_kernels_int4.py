@@ -5,16 +5,22 @@ over the cache kvlab.quant dequantizes, residual window included.
 Under TRITON_INTERPRET=1 (CI) they run on the CPU with fp32/fp16 operands; with --gpu on CUDA.
 Outputs (and unused cache entries) are poisoned with NaN before each launch.
 """
+import copy
+
 import pytest
 import torch
 
 pytest.importorskip("triton", reason="Triton is Linux-only; the kernels cannot run here")
 from _paged_helpers import DEVICE, random_paged, reference_decode, rel_err, scale_for
 
+from kvlab import LLM, SamplingParams
+from kvlab.attention import paged_triton
+from kvlab.cache.paged import AttentionMetadata
 from kvlab.kernels.decode_attention_v3 import paged_decode_attention_v3
 from kvlab.kernels.reshape_and_cache import reshape_and_cache
 from kvlab.kernels.reshape_and_cache_int4 import reshape_and_cache_int4, sealed_blocks
 from kvlab.quant import int4
+from kvlab.quant.paged import QuantizedPagedKVCache
 
 BS = 16
 LENS = [1, BS - 1, BS, 300]
@@ -213,93 +219,96 @@ def test_decode_rejects_bad_inputs():
 
 
 # ---- the engine's int4 step, through kvlab.attention.paged_triton ---------------------------
-class TritonInt4Layer:
-    """One layer of an int4 paged cache on the Triton entry points, stepped like the engine steps
-    kvlab.quant.paged.QuantizedPagedKVCache: a block gets a residual row when its first slot is
-    written, and gives it back after the attention of the step that filled it."""
+class FusedInt4Cache(QuantizedPagedKVCache):
+    """kvlab.quant.paged's int4 cache with its step run on the fused Triton path: the same codes,
+    scales and zeros, the residual window in paged_triton.Int4Residual instead of a dict, the
+    write and the attention in the kernels. (kvlab.quant.paged itself still quantizes in PyTorch
+    and hands the Triton backend dequantized blocks; this is the wiring that would replace it.)"""
 
-    def __init__(self, NB, bs, Hkv, D, dtype=torch.float32):
-        self.bs = bs
-        self.kc, self.vc, self.a = empty_int4(NB, bs, Hkv, D, R=NB, dtype=dtype)
-        self.free = list(range(NB))
+    def __init__(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, **kw):
+        super().__init__(num_layers, num_blocks, block_size, num_kv_heads, head_dim,
+                         kv_cache_dtype="int4", attention_backend="triton", **kw)
+        self.rows = paged_triton.Int4Residual.create(num_layers, num_blocks, block_size,
+                                                     num_kv_heads, head_dim, self.dtype,
+                                                     self.device, rows=2)
 
-    def attend(self, q, k, v, m):
-        from kvlab.attention import paged_triton
-
-        rs = self.a["res_slot"]
-        for b in (m.slot_mapping[m.slot_mapping >= 0] // self.bs).unique().tolist():
-            if int(rs[b]) < 0:
-                rs[b] = self.free.pop()
-        paged_triton.reshape_and_cache(k, v, self.kc, self.vc, m.slot_mapping, **self.a)
+    def attend(self, layer, q, k, v):
+        m = self.metadata
+        if layer == 0:
+            self.rows.open(m.slot_mapping)
+        a = dict(k_scale=self.k_scale[layer], v_scale=self.v_scale[layer], k_zero=self.k_zero[layer],
+                 v_zero=self.v_zero[layer], **self.rows.args(layer))
+        paged_triton.reshape_and_cache(k[0], v[0], self.k_cache[layer], self.v_cache[layer],
+                                       m.slot_mapping, **a)
         if m.is_decode:
-            out = paged_triton.paged_decode_attention(q, self.kc, self.vc, m.block_tables,
-                                                      m.context_lens, scale_for(q.shape[-1]), **self.a)
+            out = paged_triton.paged_decode_attention(q[0], self.k_cache[layer], self.v_cache[layer],
+                                                      m.block_tables, m.context_lens, self.scale, **a)
         else:
-            out = paged_triton.paged_prefill_attention(q, self.kc, self.vc, m.block_tables,
-                                                       m.query_start_loc, m.context_lens,
-                                                       scale_for(q.shape[-1]), **self.a)
-        for b in paged_triton.int4_sealed_blocks(m.slot_mapping, self.bs).tolist():
-            self.free.append(int(rs[b]))
-            rs[b] = -1
-        return out
+            out = paged_triton.paged_prefill_attention(q[0], self.k_cache[layer], self.v_cache[layer],
+                                                       m.block_tables, m.query_start_loc,
+                                                       m.context_lens, self.scale, **a)
+        if layer == self.num_layers - 1:
+            self.rows.close(m.slot_mapping)
+        return out.unsqueeze(0)
 
 
 def test_engine_steps_equal_quantized_paged_cache():
     """A packed prefill (prompts of 6 and 3 tokens, a block filled inside it) then 6 decode steps,
-    blocks of 4: every step's attention output matches kvlab.quant.paged on the torch backend, and
-    at the end the quantized blocks hold the same bytes, scales and zeros."""
-    from kvlab.cache.paged import AttentionMetadata
-    from kvlab.quant.paged import QuantizedPagedKVCache
-
+    blocks of 4, a residual pool of 2 rows that must grow: every step's attention output matches
+    kvlab.quant.paged on the torch backend, and the quantized blocks hold the same bytes, scales
+    and zeros."""
     NB, bs, Hkv, group, D = 10, 4, 2, 3, 32
     ref = QuantizedPagedKVCache(1, NB, bs, Hkv, D, kv_cache_dtype="int4", device=DEVICE)
-    tri = TritonInt4Layer(NB, bs, Hkv, D)
+    fused = FusedInt4Cache(1, NB, bs, Hkv, D, device=DEVICE)
     tables = torch.tensor([[3, 7, 1, -1], [5, 0, 9, -1]], dtype=torch.int32, device=DEVICE)
     g = torch.Generator().manual_seed(0)
     lens = [6, 3]
     for step in range(7):
         new = lens if step == 0 else [1, 1]
         end = [n if step == 0 else n + step for n in lens]
-        pos = [p for s, (e, k) in enumerate(zip(end, new)) for p in [(s, t) for t in range(e - k, e)]]
+        pos = [(s, t) for s, (e, n) in enumerate(zip(end, new)) for t in range(e - n, e)]
         slots = torch.tensor([int(tables[s, t // bs]) * bs + t % bs for s, t in pos], device=DEVICE)
-        qsl = torch.tensor([0, new[0], new[0] + new[1]], dtype=torch.int32, device=DEVICE)
-        m = AttentionMetadata(slot_mapping=slots, query_start_loc=qsl,
+        m = AttentionMetadata(slot_mapping=slots,
+                              query_start_loc=torch.tensor([0, new[0], sum(new)], dtype=torch.int32,
+                                                           device=DEVICE),
                               context_lens=torch.tensor(end, dtype=torch.int32, device=DEVICE),
                               block_tables=tables, is_decode=step > 0)
         N = len(pos)
-        q = torch.randn(N, Hkv * group, D, generator=g).to(DEVICE)
-        k = (torch.randn(N, Hkv, D, generator=g) * torch.linspace(0.2, 3, D)).to(DEVICE)
-        v = torch.randn(N, Hkv, D, generator=g).to(DEVICE)
-        ref.set_metadata(m)
-        want = ref.attend(0, q[None], k[None], v[None])[0]
-        got = tri.attend(q, k, v, m)
-        assert rel_err(got, want.double()) < 1e-5, step
+        q = torch.randn(1, N, Hkv * group, D, generator=g).to(DEVICE)
+        k = (torch.randn(1, N, Hkv, D, generator=g) * torch.linspace(0.2, 3, D)).to(DEVICE)
+        v = torch.randn(1, N, Hkv, D, generator=g).to(DEVICE)
+        outs = []
+        for cache in (ref, fused):
+            cache.set_metadata(m)
+            outs.append(cache.attend(0, q, k, v))
+        assert rel_err(outs[1], outs[0].double()) < 1e-5, step
+        assert fused.rows.rows_in_use == ref.num_residual_blocks, step
     sealed = [3, 7, 1, 5, 0]                      # 12 and 9 tokens: 3 + 2 full blocks (1: last step)
-    assert ref.num_residual_blocks == 1 and len(tri.free) == NB - 1 and int(tri.a["res_slot"][9]) >= 0
-    for got, want in ((tri.kc, ref.k_cache[0]), (tri.vc, ref.v_cache[0]),
-                      (tri.a["k_scale"], ref.k_scale[0]), (tri.a["k_zero"], ref.k_zero[0]),
-                      (tri.a["v_scale"], ref.v_scale[0]), (tri.a["v_zero"], ref.v_zero[0])):
-        assert torch.equal(got[sealed], want[sealed])
+    assert fused.rows.res_slot[sealed].eq(-1).all() and int(fused.rows.res_slot[9]) >= 0
+    for name in ("k_cache", "v_cache", "k_scale", "k_zero", "v_scale", "v_zero"):
+        assert torch.equal(getattr(fused, name)[0][sealed], getattr(ref, name)[0][sealed]), name
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
 def test_llm_triton_int4_greedy_equals_torch(tiny_model, block_size):
-    """kvlab.LLM(attention_backend="triton", kv_cache_dtype="int4") runs and gives the torch
-    backend's greedy tokens. Note: kvlab.quant.paged.QuantizedPagedKVCache still quantizes in
-    PyTorch and hands the Triton backend dequantized blocks (float kernels); the fused int4 path
-    it would call instead is the one test_engine_steps_equal_quantized_paged_cache checks."""
-    import copy
-
-    from kvlab import LLM, SamplingParams
-
+    """kvlab.LLM(attention_backend="triton", kv_cache_dtype="int4") gives the torch backend's
+    greedy tokens, both as it stands (kvlab.quant.paged dequantizes, the float kernels attend)
+    and with its cache swapped for FusedInt4Cache (the int4 kernels write and attend)."""
     model = copy.deepcopy(tiny_model).to(DEVICE)
     g = torch.Generator().manual_seed(block_size)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 19, 1)]
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     tokens = {}
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "triton", "fused"):
         llm = LLM(model, block_size=block_size, num_kv_blocks=24, max_model_len=64,
-                  attention_backend=backend, kv_cache_dtype="int4")
+                  attention_backend="torch" if backend == "torch" else "triton", kv_cache_dtype="int4")
+        if backend == "fused":
+            c = model.config
+            llm.cache = llm.runner.cache = FusedInt4Cache(c.num_layers, 24, block_size, c.num_kv_heads,
+                                                          c.head_dim, dtype=model.dtype, device=DEVICE)
         tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        if backend == "fused":                    # the kernels did quantize blocks: 24 tokens of 19 + 6
+            assert int((llm.cache.k_scale[-1] != 0).any(-1).any(-1).sum()) >= 24 // block_size
     assert tokens["triton"] == tokens["torch"]
-    assert all(len(t) == 6 for t in tokens["triton"])
+    assert tokens["fused"] == tokens["torch"]
+    assert all(len(t) == 6 for t in tokens["fused"])
