@@ -44,16 +44,16 @@ course: venv
 	$(PY) -m kvlab.course.run_course $(NOTEBOOKS)
 
 # KVLAB_SMOKE=1 runs every notebook small; figures go to a temporary folder so a test run never
-# rewrites the committed figures/. --dist loadgroup + the plugin keep each notebook (and each test
-# module, each chapter of tests/test_course_notebooks.py) on one worker.
+# rewrites the committed figures/. --dist loadfile keeps each notebook (whose cells share one kernel)
+# and each test module (whose fixtures are then built once) on one worker. One torch thread per worker.
 # pytest exit code 5 (nothing collected) is not a failure of the tree.
 test: venv
 	@figs=$$(mktemp -d); \
-	KVLAB_SMOKE=1 KVLAB_FIGURES_DIR=$$figs MPLBACKEND=Agg $(PY) -m pytest -q \
-	  -n $(PYTEST_WORKERS) --dist loadgroup -p kvlab.course.pytest_plugin --timeout=900 \
+	OMP_NUM_THREADS=1 KVLAB_SMOKE=1 KVLAB_FIGURES_DIR=$$figs MPLBACKEND=Agg $(PY) -m pytest -q \
+	  -n $(PYTEST_WORKERS) --dist loadfile --timeout=900 \
 	  --nbval-lax --nbval-current-env --nbval-cell-timeout=300 \
 	  --nbval-sanitize-with tests/nbval_sanitize.cfg \
-	  -p no:cacheprovider \
+	  -p no:cacheprovider --ignore=tests/data \
 	  tests $(NOTEBOOKS); \
 	rc=$$?; rm -rf $$figs; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 

@@ -41,9 +41,10 @@ TEXT = ("The history of computing is a story of layers. Each generation of engin
 
 
 def load_hf():
-    import kvlab
     from transformers import LlamaForCausalLM
     from transformers.utils import logging
+
+    import kvlab
 
     logging.set_verbosity_error()
     path = kvlab.default_model_path()
@@ -165,7 +166,8 @@ def main(argv=None):
     record = dict(
         benchmark="engine_cpu", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command="python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:])),
-        machine=machine_info(), load_average_start=load_at_start, load_average_end=os.getloadavg(), torch_threads=torch.get_num_threads(),
+        machine=machine_info(), load_average_start=load_at_start, load_average_end=os.getloadavg(),
+        torch_threads=torch.get_num_threads(),
         versions=dict(torch=torch.__version__, transformers=transformers.__version__, kvlab=kvlab.__version__),
         workload=dict(num_requests=len(reqs), prompt_range=prompt_range, output_range=output_range,
                       prompt_lens=[len(p) for p, _ in reqs], output_lens=[n for _, n in reqs],
@@ -181,8 +183,10 @@ def main(argv=None):
         f.write(f"# engine_cpu: kvlab.LLM vs Hugging Face generate\n\n`{record['command']}`, {record['date']}, "
                 f"{record['machine'].get('cpu', record['machine'])}, torch {torch.__version__}, transformers "
                 f"{transformers.__version__}, {torch.get_num_threads()} threads, load average "
-                f"{load_at_start[0]:.2f} at start, {record['load_average_end'][0]:.2f} at end (shared machine: compare ratios, not absolutes).\n\n")
-        f.write("| workload | output tokens | kvlab tok/s | HF tok/s | kvlab / HF | goal |\n|---|---|---|---|---|---|\n")
+                f"{load_at_start[0]:.2f} at start, {record['load_average_end'][0]:.2f} at end "
+                "(shared machine: compare ratios, not absolutes).\n\n")
+        f.write("| workload | output tokens | kvlab tok/s | HF tok/s | kvlab / HF | goal |\n"
+                "|---|---|---|---|---|---|\n")
         for r, goal in zip(results, (">= 1.0x", ">= 4x", ">= 1.3x")):
             f.write(f"| {r['workload']} | {r['output_tokens']} | {r['kvlab_tok_s']} | {r['hf_tok_s']} | "
                     f"{r['ratio']}x | {goal} |\n")

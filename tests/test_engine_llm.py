@@ -20,7 +20,7 @@ def model64(tiny_model):
 
 @pytest.fixture(scope="module")
 def reference(model64):
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def ref(prompt: tuple, n: int):
         return kvlab.generate(model64, list(prompt), n)
     return lambda prompt, n: ref(tuple(prompt), n)

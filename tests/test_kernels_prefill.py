@@ -1,6 +1,9 @@
 """kvlab.attention.paged_triton: the engine's three entry points on the Triton kernels, against
 float64 causal attention over the gathered cache (prefill with cached prefixes, mixed batches)."""
+import pytest
 import torch
+
+pytest.importorskip("triton", reason="Triton is Linux-only; the kernels cannot run here")
 from _paged_helpers import DEVICE, gather, random_paged, rel_err, scale_for
 
 from kvlab.attention import paged_triton

@@ -11,9 +11,10 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ",
 
 @pytest.fixture(scope="module")
 def hf_model():
-    import kvlab
     from transformers import LlamaForCausalLM
     from transformers.utils import logging
+
+    import kvlab
 
     logging.set_verbosity_error()
     path = kvlab.default_model_path()

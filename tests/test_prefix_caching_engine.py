@@ -25,7 +25,7 @@ def model64(tiny_model):
 
 @pytest.fixture(scope="module")
 def reference(model64):
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def ref(prompt: tuple, n: int):
         return kvlab.generate(model64, list(prompt), n)
     return lambda prompt, n: ref(tuple(prompt), n)
@@ -116,7 +116,7 @@ def test_shared_system_prompt(model64, reference):
 def test_multi_turn_chat(model64, reference):
     bs, n = 8, 10
     on, off = _engine(model64, True, block_size=bs), _engine(model64, False, block_size=bs)
-    history = _tokens(21, seed=1)
+    history, previous = _tokens(21, seed=1), 0
     for turn in range(4):
         outs = [llm.generate([history], SamplingParams(max_tokens=n, **GREEDY), use_tqdm=False)[0]
                 for llm in (on, off)]

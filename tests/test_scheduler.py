@@ -6,7 +6,6 @@ import copy
 import functools
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -85,7 +84,7 @@ def model64(tiny_model):
 
 @pytest.fixture(scope="module")
 def reference(model64):
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def ref(prompt: tuple):
         return kvlab.generate(model64, list(prompt), MAX_TOKENS)
     return lambda prompt, n: ref(tuple(prompt))[:n]   # greedy: a shorter run is a prefix

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from kvlab.course.paths import BUILD, NOTEBOOKS, chapters
+from kvlab.course.paths import BUILD, NOTEBOOKS, chapters, missing_requirements
 
 
 def run(notebooks: list[Path], out_dir: Path, kernel: str = "python3") -> int:
@@ -23,6 +23,9 @@ def run(notebooks: list[Path], out_dir: Path, kernel: str = "python3") -> int:
         nb = Path(nb).resolve()
         out = out_dir / nb.name
         print(f"[{i}/{len(notebooks)}] {nb.name} ...", end=" ", flush=True)
+        if missing := missing_requirements(nb):
+            print(f"skipped: needs {', '.join(missing)} (not installable on this platform)")
+            continue
         t0 = time.perf_counter()
         try:
             pm.execute_notebook(str(nb), str(out), kernel_name=kernel, cwd=str(nb.parent),

@@ -31,7 +31,7 @@ from collections import deque
 class Node:
     __slots__ = ("key", "slots", "children", "parent", "lock_ref", "last_access")
 
-    def __init__(self, key: tuple, slots: list, parent: "Node | None", lock_ref: int = 0):
+    def __init__(self, key: tuple, slots: list, parent: Node | None, lock_ref: int = 0):
         self.key, self.slots, self.parent = key, slots, parent
         self.children: dict[int, Node] = {}
         self.lock_ref = lock_ref

@@ -18,7 +18,7 @@ livelock as long as every request alone fits in the pool (the LLM checks that at
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from kvlab.engine.sequence import Sequence, SequenceStatus
 
