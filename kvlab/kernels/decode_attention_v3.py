@@ -21,12 +21,13 @@ tile is converted in registers, and the scales are folded where they cost least:
         multiplies the probabilities before P @ V_int. Integers up to 127 are exact in bf16/fp16.
   fp8   (per tensor or per KV head scale): scores *= k_scale[kvh]; the output *= v_scale[kvh].
   int4  (KIVI, kvlab.quant.int4; layout in reshape_and_cache_int4): each token's D/2 bytes are
-        loaded once per nibble (byte d // 2, shifted by 4 (d % 2)), and the tile is dequantized in
-        registers, x = q * scale + zero: keys with their block's per-channel scale/zero [D],
-        values with the token's per-group scale/zero. Tokens of a block that still has a residual
-        row (res_slot[block] >= 0: the partial last block, or one sealed this step) are read in
-        full precision from the residual pool instead, as kvlab.quant.paged reads its residual
-        window. The dots see the numbers the PyTorch path dequantizes (kvlab.quant.int4).
+        loaded once and split into low and high nibbles, interleaved back into channel order
+        (tl.interleave), and the tile is dequantized in registers, x = q * scale + zero: keys with
+        their block's per-channel scale/zero [D], values with the token's per-group scale/zero
+        [D/32], widened to [D]. Tokens of a block that still has a residual row (res_slot[block]
+        >= 0: the partial last block, or one sealed this step) are read in full precision from the
+        residual pool instead, as kvlab.quant.paged reads its residual window; only tiles that
+        reach such a block load from the pool. The dots see the numbers the PyTorch path dequantizes (kvlab.quant.int4).
 With a bf16 q the two dots of a quantized cache run in fp16: int8 codes and e4m3 values are exact
 in fp16, which converts from them in fewer instructions than bf16 does, and dequantized int4
 values keep 3 more mantissa bits than bf16 (q and int4 values must then fit fp16's range,
@@ -55,26 +56,34 @@ def _int8_to_fp16(x):
 
 
 @triton.jit
-def _int4_tile(c_ptr, s_ptr, z_ptr, r_ptr, rs_ptr, blk, off, valid, d, kvh,
-               Hkv: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr, KEYS: tl.constexpr,
-               VG: tl.constexpr):
+def _int4_tile(c_ptr, s_ptr, z_ptr, r_ptr, rs_ptr, blk, off, valid, kvh,
+               Hkv: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+               KEYS: tl.constexpr, VG: tl.constexpr):
     """Dequantized int4 tile [BLOCK_N, D] (float32); rows of residual blocks from the pool."""
     rrow = tl.load(rs_ptr + blk, mask=valid, other=-1)             # residual row, or -1: sealed
     quant = valid & (rrow < 0)
-    byte = ((blk * BLOCK_SIZE + off) * Hkv + kvh) * (D // 2)         # codes [NB, BS, Hkv, D/2]
-    c = tl.load(c_ptr + byte[:, None] + (d // 2)[None, :], mask=quant[:, None], other=0)
-    code = ((c.to(tl.int32) >> (4 * (d % 2))[None, :]) & 15).to(tl.float32)
+    tok = blk * BLOCK_SIZE + off
+    e = tl.arange(0, D // 2)
+    c = tl.load(c_ptr + ((tok * Hkv + kvh) * (D // 2))[:, None] + e[None, :],   # [NB, BS, Hkv, D/2]
+                mask=quant[:, None], other=0)
+    code = tl.interleave(c & 15, c >> 4).to(tl.float32)            # low nibble = even channel
     if KEYS:   # per block, per channel: scale, zero [NB, Hkv, D]
-        sz = (blk * Hkv + kvh)[:, None] * D + d[None, :]
-    else:      # per token, per group of VG channels: [NB, BS, Hkv, D / VG]
-        sz = ((blk * BLOCK_SIZE + off) * Hkv + kvh)[:, None] * (D // VG) + (d // VG)[None, :]
-    sc = tl.load(s_ptr + sz, mask=quant[:, None], other=0.0).to(tl.float32)
-    zp = tl.load(z_ptr + sz, mask=quant[:, None], other=0.0).to(tl.float32)
+        sz = (blk * Hkv + kvh)[:, None] * D + tl.arange(0, D)[None, :]
+        sc = tl.load(s_ptr + sz, mask=quant[:, None], other=0.0).to(tl.float32)
+        zp = tl.load(z_ptr + sz, mask=quant[:, None], other=0.0).to(tl.float32)
+    else:      # per token, per group of VG channels: [NB, BS, Hkv, D / VG], widened to [.., D]
+        sz = ((tok * Hkv + kvh) * (D // VG))[:, None] + tl.arange(0, D // VG)[None, :]
+        sc = tl.load(s_ptr + sz, mask=quant[:, None], other=0.0).to(tl.float32)
+        zp = tl.load(z_ptr + sz, mask=quant[:, None], other=0.0).to(tl.float32)
+        sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BLOCK_N, D // VG, VG)), (BLOCK_N, D))
+        zp = tl.reshape(tl.broadcast_to(zp[:, :, None], (BLOCK_N, D // VG, VG)), (BLOCK_N, D))
     x = code * sc + zp
-    res = valid & (rrow >= 0)
-    r = ((tl.maximum(rrow, 0).to(tl.int64) * BLOCK_SIZE + off) * Hkv + kvh) * D   # pool [R, BS, Hkv, D]
-    xr = tl.load(r_ptr + r[:, None] + d[None, :], mask=res[:, None], other=0.0).to(tl.float32)
-    return tl.where(res[:, None], xr, x)
+    if tl.max(rrow, axis=0) >= 0:   # the tile reaches a block still in the residual pool
+        res = valid & (rrow >= 0)
+        r = ((tl.maximum(rrow, 0).to(tl.int64) * BLOCK_SIZE + off) * Hkv + kvh) * D  # [R, BS, Hkv, D]
+        xr = tl.load(r_ptr + r[:, None] + tl.arange(0, D)[None, :], mask=res[:, None], other=0.0)
+        x = tl.where(res[:, None], xr.to(tl.float32), x)
+    return x
 
 
 @triton.jit
@@ -115,8 +124,8 @@ def _decode_v3_partition_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kz_ptr, v
         tok = blk * BLOCK_SIZE + pos % BLOCK_SIZE                 # flat slot of each token
         row = blk * stride_cb + (pos % BLOCK_SIZE) * stride_ct + kvh * D
         if FMT == 3:
-            k = _int4_tile(kc_ptr, ks_ptr, kz_ptr, kr_ptr, rs_ptr, blk, pos % BLOCK_SIZE, valid, d,
-                           kvh, Hkv, D, BLOCK_SIZE, True, VG)
+            k = _int4_tile(kc_ptr, ks_ptr, kz_ptr, kr_ptr, rs_ptr, blk, pos % BLOCK_SIZE, valid, kvh,
+                           Hkv, D, BLOCK_SIZE, BLOCK_N, True, VG)
         else:
             k = tl.load(kc_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         if FMT == 1:
@@ -131,8 +140,8 @@ def _decode_v3_partition_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kz_ptr, v
         p = tl.exp2(scores - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
         if FMT == 3:
-            v = _int4_tile(vc_ptr, vs_ptr, vz_ptr, vr_ptr, rs_ptr, blk, pos % BLOCK_SIZE, valid, d,
-                           kvh, Hkv, D, BLOCK_SIZE, False, VG)
+            v = _int4_tile(vc_ptr, vs_ptr, vz_ptr, vr_ptr, rs_ptr, blk, pos % BLOCK_SIZE, valid, kvh,
+                           Hkv, D, BLOCK_SIZE, BLOCK_N, False, VG)
         else:
             v = tl.load(vc_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         if FMT == 1:
