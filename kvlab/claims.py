@@ -202,9 +202,9 @@ def claim_9(gpu: str = "H100 SXM", first_context: int = 100) -> Claim:
                  40, time_ratio, "x (time per token)", close(40, time_ratio),
                  f"the FLOPs per token grow {flop_ratio:.1f}x, but a {first_context}-token step is "
                  f"still bound by reading the weights (intensity {early.intensity:.0f} < ridge "
-                 f"{g.ridge:.0f}), so on an {gpu} the time per token grows {time_ratio:.1f}x at best; "
-                 f"the 40x appears only where the ridge is far below {first_context} FLOP/B (a CPU). "
-                 f"With a cache it grows {cached:.2f}x",
+                 f"{g.ridge:.0f}), so on an {gpu} the roofline time per token grows "
+                 f"{time_ratio:.1f}x; time follows the FLOPs only on a machine whose ridge lies "
+                 f"below {first_context} FLOP/byte (a CPU). With a cache it grows {cached:.2f}x",
                  f"the first response is generated at a {first_context}-token context (the reading "
                  f"that makes 4,000 / {first_context} = 40); Llama-3.1-8B, fp16, batch 1, roofline "
                  f"floors on the {gpu} datasheet")
