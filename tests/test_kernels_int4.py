@@ -200,6 +200,25 @@ def test_decode_bf16_query():
     assert rel_err(out, reference_decode(q, kd, vd, bt, ctx)) < 1e-2
 
 
+def test_prefill_over_cached_int4_prefix():
+    """paged_triton.paged_prefill_attention on an int4 cache: chunks whose prefix is in sealed
+    blocks and whose own tokens are in the residual pool (a decode, a full prompt, a chunk after
+    a cached prefix), against causal attention over the cache kvlab.quant reads."""
+    from _paged_helpers import gather
+
+    from kvlab.cache.base import causal_attention
+
+    lens, q_lens = [40, 1, 12, 35], [8, 1, 12, 3]
+    kc, vc, args, kd, vd, bt, ctx = int4_cache(lens, 2, 64, seed=11)
+    qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    q = torch.randn(sum(q_lens), 6, 64, device=DEVICE)
+    out = paged_triton.paged_prefill_attention(q, kc, vc, bt, qsl, ctx, scale_for(64), **args)
+    ref = [causal_attention(q[qsl[s]:qsl[s + 1]].double()[None], gather(kd, bt[s], n).double()[None],
+                            gather(vd, bt[s], n).double()[None], q_offset=n - ql)[0]
+           for s, (n, ql) in enumerate(zip(lens, q_lens))]
+    assert rel_err(out, torch.cat(ref)) < 1e-5
+
+
 def test_decode_rejects_bad_inputs():
     kc, vc, args, kd, vd, bt, ctx = int4_cache([5, 20], 2, 64, seed=5)
     q = torch.randn(2, 4, 64, device=DEVICE)
