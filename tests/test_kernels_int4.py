@@ -1,6 +1,8 @@
 """int4 (KIVI) in the Triton kernels: the cache write (reshape_and_cache_int4) against
 kvlab.quant.int4 bit for bit, and the fused-dequantization decode (v3) against float64 attention
-over the cache kvlab.quant dequantizes, residual window included.
+over the cache kvlab.quant dequantizes, residual window included; prefill through
+kvlab.attention.paged_triton; and kvlab.quant.paged's int4 cache stepped through the kernels
+(FusedInt4Cache) against the same cache on the torch backend, alone and inside kvlab.LLM.
 
 Under TRITON_INTERPRET=1 (CI) they run on the CPU with fp32/fp16 operands; with --gpu on CUDA.
 Outputs (and unused cache entries) are poisoned with NaN before each launch.
@@ -11,10 +13,11 @@ import pytest
 import torch
 
 pytest.importorskip("triton", reason="Triton is Linux-only; the kernels cannot run here")
-from _paged_helpers import DEVICE, random_paged, reference_decode, rel_err, scale_for
+from _paged_helpers import DEVICE, gather, random_paged, reference_decode, rel_err, scale_for
 
 from kvlab import LLM, SamplingParams
 from kvlab.attention import paged_triton
+from kvlab.cache.base import causal_attention
 from kvlab.cache.paged import AttentionMetadata
 from kvlab.kernels.decode_attention_v3 import paged_decode_attention_v3
 from kvlab.kernels.reshape_and_cache import reshape_and_cache
@@ -204,10 +207,6 @@ def test_prefill_over_cached_int4_prefix():
     """paged_triton.paged_prefill_attention on an int4 cache: chunks whose prefix is in sealed
     blocks and whose own tokens are in the residual pool (a decode, a full prompt, a chunk after
     a cached prefix), against causal attention over the cache kvlab.quant reads."""
-    from _paged_helpers import gather
-
-    from kvlab.cache.base import causal_attention
-
     lens, q_lens = [40, 1, 12, 35], [8, 1, 12, 3]
     kc, vc, args, kd, vd, bt, ctx = int4_cache(lens, 2, 64, seed=11)
     qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)

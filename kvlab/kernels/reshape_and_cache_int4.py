@@ -44,8 +44,7 @@ import triton.language as tl
 from kvlab.kernels._checks import FLOAT_DTYPES, check_head_dim, check_tensor, next_pow2
 from kvlab.kernels.reshape_and_cache import _rint
 
-LEVELS = 15
-VALUE_GROUP = 32                       # as kvlab.quant.int4.VALUE_GROUP
+VALUE_GROUP = 32                       # as kvlab.quant.int4.VALUE_GROUP; codes 0..15
 
 
 def value_group(D: int) -> int:
