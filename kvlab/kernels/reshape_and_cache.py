@@ -18,6 +18,8 @@ Formats (docs/architecture.md, section 4), picked by the cache dtype:
                      rows go to a full-precision residual pool first and a block is quantized when
                      its last slot is written; see reshape_and_cache_int4, which this dispatches to
 
+Division: torch divides float32 with IEEE round-to-nearest; Triton's `/` on an NVIDIA GPU emits
+the approximate div.full.f32 (up to 2 ulp off), so the kernels divide with tl.math.div_rn.
 Rounding: `round` must be round-half-to-even to match torch.round bit for bit. Triton has no
 portable rint, so we use the classic trick: for |x| < 2**22, (x + 1.5 * 2**23) - 1.5 * 2**23 rounds
 x to the nearest integer, ties to even, because the sum has no bits left below the units place.
@@ -47,17 +49,17 @@ def _quantize_store(x, cache_ptr, scale_ptr, dst, sdst, h, mask, hmask,
         tl.store(cache_ptr + dst, x.to(cache_ptr.dtype.element_ty), mask=mask)
     elif FMT == 1:
         amax = tl.max(tl.abs(x), axis=1)[:, None]             # [BLOCK_H, 1]
-        scale = tl.maximum(amax / 127.0, 6.103515625e-05)     # float16's smallest normal
+        scale = tl.maximum(tl.math.div_rn(amax, 127.0), 6.103515625e-05)  # float16's tiny
         s16 = scale.to(tl.float16)                            # round to nearest, then up if below
         bumped = (s16.to(tl.int16, bitcast=True) + 1).to(tl.float16, bitcast=True)
         s16 = tl.where(s16.to(tl.float32) < scale, bumped, s16)
-        q = _rint(x / s16.to(tl.float32))
+        q = _rint(tl.math.div_rn(x, s16.to(tl.float32)))
         q = tl.minimum(tl.maximum(q, -127.0), 127.0)
         tl.store(cache_ptr + dst, q.to(tl.int8), mask=mask)
         tl.store(scale_ptr + sdst, s16, mask=hmask)
     else:
         s = tl.load(scale_ptr + h * SCALE_STRIDE_H, mask=hmask, other=1.0)  # stride 0: per tensor
-        y = x / s
+        y = tl.math.div_rn(x, s)
         y = tl.minimum(tl.maximum(y, -448.0), 448.0)
         tl.store(cache_ptr + dst, y.to(tl.float8e4nv), mask=mask)
 
