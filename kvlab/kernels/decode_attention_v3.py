@@ -27,7 +27,8 @@ tile is converted in registers, and the scales are folded where they cost least:
         [D/32], widened to [D]. Tokens of a block that still has a residual row (res_slot[block]
         >= 0: the partial last block, or one sealed this step) are read in full precision from the
         residual pool instead, as kvlab.quant.paged reads its residual window; only tiles that
-        reach such a block load from the pool. The dots see the numbers the PyTorch path dequantizes (kvlab.quant.int4).
+        reach such a block load from the pool. The dots see the numbers kvlab.quant.int4
+        dequantizes.
 With a bf16 q the two dots of a quantized cache run in fp16: int8 codes and e4m3 values are exact
 in fp16, which converts from them in fewer instructions than bf16 does, and dequantized int4
 values keep 3 more mantissa bits than bf16 (q and int4 values must then fit fp16's range,
