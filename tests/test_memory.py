@@ -81,3 +81,20 @@ def test_bad_input_raises():
         KVConfig("x", 2, 6, 4, 64, 384, 1e6, 128)
     with pytest.raises(ValueError, match="sliding_window"):
         KVConfig("x", 2, 4, 4, 64, 256, 1e6, 128, sliding_layers=1)
+
+
+def test_published_shapes_are_self_consistent():
+    for name, m in MODELS.items():
+        assert m.vocab_size > 0 and m.num_params > m.vocab_size * m.hidden_size, name
+        if name != "gemma-2-9b" and m.attention != "mla":   # Gemma 2: 16 x 256 = 4096 > 3584
+            assert m.num_heads * m.head_dim == m.hidden_size, name
+    assert MODELS["gemma-2-9b"].tie_embeddings and MODELS["smollm2-135m"].tie_embeddings
+    assert not MODELS["llama-3.1-8b"].tie_embeddings
+    assert MODELS["deepseek-v3"].active_params == 37e9
+
+
+def test_llama_config_conversion_keeps_vocab_and_tying():
+    from kvlab.memory import as_kv_config
+    kv = as_kv_config(SMOLLM2_135M)
+    assert kv.vocab_size == SMOLLM2_135M.vocab_size and kv.tie_embeddings
+    assert kv.num_params == SMOLLM2_135M.num_parameters()
