@@ -160,7 +160,8 @@ def _legend(fig):
 
 def _label(f: Frame) -> str:
     what = ("prefill" if f.step == 0 else "decode") if f.mode == "cached" else "recompute all"
-    return (f"{f.mode}, step {f.step} ({what}): {int(f.computed.sum())} cells, "
+    name = {"naive": "no cache", "cached": "KV cache"}[f.mode]
+    return (f"{name}, step {f.step} ({what}): {int(f.computed.sum())} cells, "
             f"cache {f.cache_bytes / 1024:.0f} KiB")
 
 
