@@ -13,7 +13,9 @@ Formats (docs/architecture.md, section 4), picked by the cache dtype:
                      least float16's smallest normal), rounded *up* to float16 and stored in
                      k_scale/v_scale float16 [NB, BS, Hkv]; q = round(x / scale) in -127..127
   float8_e4m3fn      x / scale with a fixed per-tensor [] or per-KV-head [Hkv] scale, saturated to
-                     +-448 and rounded to nearest even by the hardware conversion
+                     +-448 and rounded to the nearest e4m3 value, ties to even, in float32 (_e4m3)
+                     so that the cast to float8 is exact on every target (Triton's interpreter
+                     rounds some casts wrongly: carries into the exponent, subnormals)
   uint8 (int4)       KIVI's grouped format: keys are quantized per channel over a whole block, so
                      rows go to a full-precision residual pool first and a block is quantized when
                      its last slot is written; see reshape_and_cache_int4, which this dispatches to
@@ -42,6 +44,20 @@ def _rint(x):
 
 
 @triton.jit
+def _e4m3(y):
+    """float32 y, |y| <= 448, rounded to the nearest float8 e4m3 value (ties to even), as float32.
+    The e4m3 numbers between 2**e and 2**(e+1) are spaced 2**(e-3); below 2**-6 (subnormals) the
+    spacing stays 2**-9. So y / spacing is rounded to an integer (_rint: ties to even, which is an
+    even mantissa) and scaled back; both scalings are by powers of two, hence exact. A result of
+    zero keeps y's sign, as torch's cast does (-0.0 is 0x80)."""
+    e = tl.maximum(((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)   # floor(log2 |y|)
+    step = ((e + 124) << 23).to(tl.float32, bitcast=True)                       # 2**(e - 3)
+    inv = ((130 - e) << 23).to(tl.float32, bitcast=True)                        # 2**(3 - e)
+    r = _rint(y * inv) * step
+    return tl.where(r == 0.0, y * 0.0, r)
+
+
+@triton.jit
 def _quantize_store(x, cache_ptr, scale_ptr, dst, sdst, h, mask, hmask,
                     FMT: tl.constexpr, SCALE_STRIDE_H: tl.constexpr):
     """Quantize one token's [BLOCK_H, BLOCK_D] rows and store them (and their scales)."""
@@ -60,7 +76,7 @@ def _quantize_store(x, cache_ptr, scale_ptr, dst, sdst, h, mask, hmask,
     else:
         s = tl.load(scale_ptr + h * SCALE_STRIDE_H, mask=hmask, other=1.0)  # stride 0: per tensor
         y = tl.math.div_rn(x, s)
-        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        y = _e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0))
         tl.store(cache_ptr + dst, y.to(tl.float8e4nv), mask=mask)
 
 
