@@ -44,13 +44,14 @@ course: venv
 	$(PY) -m kvlab.course.run_course $(NOTEBOOKS)
 
 # KVLAB_SMOKE=1 runs every notebook small; figures go to a temporary folder so a test run never
-# rewrites the committed figures/. --dist loadfile keeps each notebook (whose cells share one kernel)
-# and each test module (whose fixtures are then built once) on one worker. One torch thread per worker.
+# rewrites the committed figures/. --dist loadscope keeps each notebook (whose cells share one kernel),
+# each test module (its fixtures are built once) and each chapter class of
+# tests/test_course_notebooks.py on one worker. One torch thread per worker.
 # pytest exit code 5 (nothing collected) is not a failure of the tree.
 test: venv
 	@figs=$$(mktemp -d); \
 	OMP_NUM_THREADS=1 KVLAB_SMOKE=1 KVLAB_FIGURES_DIR=$$figs MPLBACKEND=Agg $(PY) -m pytest -q \
-	  -n $(PYTEST_WORKERS) --dist loadfile --timeout=900 \
+	  -n $(PYTEST_WORKERS) --dist loadscope --timeout=900 \
 	  --nbval-lax --nbval-current-env --nbval-cell-timeout=300 \
 	  --nbval-sanitize-with tests/nbval_sanitize.cfg \
 	  -p no:cacheprovider --ignore=tests/data \

@@ -26,10 +26,6 @@ MASTER_FILES = chapters(MASTERS)
 pytestmark = pytest.mark.slow
 
 
-def _params():
-    return [pytest.param(m.stem, id=m.stem) for m in MASTER_FILES]
-
-
 @functools.cache
 def assigned(chapter: str, tmp: str):
     return assign(MASTERS / f"{chapter}.ipynb", build_dir=Path(tmp) / "build",
@@ -103,47 +99,55 @@ def test_there_are_masters_and_each_has_a_committed_student_notebook():
     assert not missing, f"run `make students` and commit notebooks/{missing}"
 
 
-@pytest.mark.parametrize("chapter", _params())
-def test_master_scores_full_marks(chapter, course_tmp):
-    result = assigned(chapter, course_tmp)  # AssignError unless the master scores 100 %
-    assert result.autograder.exists()
+class ChapterTests:
+    """The checks of one chapter. One subclass per master (below), so that `--dist loadscope`
+    spreads the chapters over the xdist workers while each chapter's tests share one worker (and
+    its one `otter assign` run)."""
+    chapter: str
+
+    def test_master_scores_full_marks(self, course_tmp):
+        chapter = self.chapter
+        result = assigned(chapter, course_tmp)  # AssignError unless the master scores 100 %
+        assert result.autograder.exists()
+
+    def test_student_notebook_is_in_sync_with_its_master(self, course_tmp):
+        chapter = self.chapter
+        committed = NOTEBOOKS / f"{chapter}.ipynb"
+        fresh = _read(assigned(chapter, course_tmp).student)
+        ours = _read(committed)
+        assert _cells(ours) == _cells(fresh), f"{committed} is stale: run `make students` and commit it"
+        assert ours.metadata.get("otter") == fresh.metadata.get("otter")
+
+    def test_no_solution_and_no_hidden_test_in_the_student_notebook(self):
+        chapter = self.chapter
+        master = _read(MASTERS / f"{chapter}.ipynb")
+        assert (NOTEBOOKS / f"{chapter}.ipynb").exists(), f"run `make students`, commit notebooks/{chapter}.ipynb"
+        student_text = (NOTEBOOKS / f"{chapter}.ipynb").read_text()
+        student = _read(NOTEBOOKS / f"{chapter}.ipynb")
+        code = "\n".join(c.source for c in student.cells) + json.dumps(student.metadata)
+        for marker in ("# BEGIN SOLUTION", "# END SOLUTION", "# SOLUTION", "# HIDDEN", "# BEGIN TESTS"):
+            assert marker not in student_text, f"{marker!r} left in notebooks/{chapter}.ipynb"
+        sol = solution_lines(master)
+        assert sol, f"{chapter}: the master has no solution lines (is it in otter format?)"
+        student_lines = {ln.strip() for ln in code.splitlines()}
+        leaked = sorted(sol & student_lines)
+        assert not leaked, f"solution lines in notebooks/{chapter}.ipynb: {leaked}"
+        hidden = hidden_test_lines(master)
+        leaked = sorted(hidden & student_lines)
+        assert not leaked, f"hidden tests in notebooks/{chapter}.ipynb: {leaked}"
+
+    def test_untouched_student_notebook_runs_and_scores_zero(self, course_tmp):
+        chapter = self.chapter
+        ag = assigned(chapter, course_tmp).autograder
+        g = grade_one(NOTEBOOKS / f"{chapter}.ipynb", ag, chapter, timeout=900)
+        assert g.status == "ok", f"notebooks/{chapter}.ipynb: {g.status}\n{g.report[-3000:]}"
+        assert g.possible and all(p > 0 for p in g.possible.values())
+        assert g.scores == {q: 0 for q in g.possible}, f"unsolved exercises scored: {g.scores}"
 
 
-@pytest.mark.parametrize("chapter", _params())
-def test_student_notebook_is_in_sync_with_its_master(chapter, course_tmp):
-    committed = NOTEBOOKS / f"{chapter}.ipynb"
-    fresh = _read(assigned(chapter, course_tmp).student)
-    ours = _read(committed)
-    assert _cells(ours) == _cells(fresh), f"{committed} is stale: run `make students` and commit it"
-    assert ours.metadata.get("otter") == fresh.metadata.get("otter")
-
-
-@pytest.mark.parametrize("chapter", _params())
-def test_no_solution_and_no_hidden_test_in_the_student_notebook(chapter):
-    master = _read(MASTERS / f"{chapter}.ipynb")
-    assert (NOTEBOOKS / f"{chapter}.ipynb").exists(), f"run `make students`, commit notebooks/{chapter}.ipynb"
-    student_text = (NOTEBOOKS / f"{chapter}.ipynb").read_text()
-    student = _read(NOTEBOOKS / f"{chapter}.ipynb")
-    code = "\n".join(c.source for c in student.cells) + json.dumps(student.metadata)
-    for marker in ("# BEGIN SOLUTION", "# END SOLUTION", "# SOLUTION", "# HIDDEN", "# BEGIN TESTS"):
-        assert marker not in student_text, f"{marker!r} left in notebooks/{chapter}.ipynb"
-    sol = solution_lines(master)
-    assert sol, f"{chapter}: the master has no solution lines (is it in otter format?)"
-    student_lines = {ln.strip() for ln in code.splitlines()}
-    leaked = sorted(sol & student_lines)
-    assert not leaked, f"solution lines in notebooks/{chapter}.ipynb: {leaked}"
-    hidden = hidden_test_lines(master)
-    leaked = sorted(hidden & student_lines)
-    assert not leaked, f"hidden tests in notebooks/{chapter}.ipynb: {leaked}"
-
-
-@pytest.mark.parametrize("chapter", _params())
-def test_untouched_student_notebook_runs_and_scores_zero(chapter, course_tmp):
-    ag = assigned(chapter, course_tmp).autograder
-    g = grade_one(NOTEBOOKS / f"{chapter}.ipynb", ag, chapter, timeout=900)
-    assert g.status == "ok", f"notebooks/{chapter}.ipynb: {g.status}\n{g.report[-3000:]}"
-    assert g.possible and all(p > 0 for p in g.possible.values())
-    assert g.scores == {q: 0 for q in g.possible}, f"unsolved exercises scored: {g.scores}"
+for _master in MASTER_FILES:
+    _name = f"TestChapter_{_master.stem}"
+    globals()[_name] = type(_name, (ChapterTests,), {"chapter": _master.stem})
 
 
 def test_solution_and_hidden_line_extraction_on_the_grader_fixture():
