@@ -1,8 +1,9 @@
 """int4 (KIVI) in the Triton kernels: the cache write (reshape_and_cache_int4) against
 kvlab.quant.int4 bit for bit, and the fused-dequantization decode (v3) against float64 attention
 over the cache kvlab.quant dequantizes, residual window included; prefill through
-kvlab.attention.paged_triton; and kvlab.quant.paged's int4 cache stepped through the kernels
-(FusedInt4Cache) against the same cache on the torch backend, alone and inside kvlab.LLM.
+kvlab.attention.paged_triton; and kvlab.quant.paged's int4 cache on the triton backend (the fused
+kernels) against the same cache on the torch backend, alone and inside kvlab.LLM.
+(tests/test_kernels_quant_engine.py does the same for int8 and fp8, and checks every stored byte.)
 
 Under TRITON_INTERPRET=1 (CI) they run on the CPU with fp32/fp16 operands; with --gpu on CUDA.
 Outputs (and unused cache entries) are poisoned with NaN before each launch.
@@ -236,48 +237,17 @@ def test_decode_rejects_bad_inputs():
         paged_decode_attention_v3(q, kd, vd, bt, ctx, s, res_slot=args["res_slot"])
 
 
-# ---- the engine's int4 step, through kvlab.attention.paged_triton ---------------------------
-class FusedInt4Cache(QuantizedPagedKVCache):
-    """kvlab.quant.paged's int4 cache with its step run on the fused Triton path: the same codes,
-    scales and zeros, the residual window in paged_triton.Int4Residual instead of a dict, the
-    write and the attention in the kernels. (kvlab.quant.paged itself still quantizes in PyTorch
-    and hands the Triton backend dequantized blocks; this is the wiring that would replace it.)"""
-
-    def __init__(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, **kw):
-        super().__init__(num_layers, num_blocks, block_size, num_kv_heads, head_dim,
-                         kv_cache_dtype="int4", attention_backend="triton", **kw)
-        self.rows = paged_triton.Int4Residual.create(num_layers, num_blocks, block_size,
-                                                     num_kv_heads, head_dim, self.dtype,
-                                                     self.device, rows=2)
-
-    def attend(self, layer, q, k, v):
-        m = self.metadata
-        if layer == 0:
-            self.rows.open(m.slot_mapping)
-        a = dict(k_scale=self.k_scale[layer], v_scale=self.v_scale[layer], k_zero=self.k_zero[layer],
-                 v_zero=self.v_zero[layer], **self.rows.args(layer))
-        paged_triton.reshape_and_cache(k[0], v[0], self.k_cache[layer], self.v_cache[layer],
-                                       m.slot_mapping, **a)
-        if m.is_decode:
-            out = paged_triton.paged_decode_attention(q[0], self.k_cache[layer], self.v_cache[layer],
-                                                      m.block_tables, m.context_lens, self.scale, **a)
-        else:
-            out = paged_triton.paged_prefill_attention(q[0], self.k_cache[layer], self.v_cache[layer],
-                                                       m.block_tables, m.query_start_loc,
-                                                       m.context_lens, self.scale, **a)
-        if layer == self.num_layers - 1:
-            self.rows.close(m.slot_mapping)
-        return out.unsqueeze(0)
-
-
+# ---- the engine's int4 step: kvlab.quant.paged on the triton backend -----------------------
 def test_engine_steps_equal_quantized_paged_cache():
     """A packed prefill (prompts of 6 and 3 tokens, a block filled inside it) then 6 decode steps,
-    blocks of 4, a residual pool of 2 rows that must grow: every step's attention output matches
-    kvlab.quant.paged on the torch backend, and the quantized blocks hold the same bytes, scales
-    and zeros."""
+    blocks of 4, a residual pool of 2 rows that must grow: every step's attention output on the
+    triton backend (fused kernels) matches the torch backend, and the quantized blocks hold the
+    same bytes, scales and zeros."""
     NB, bs, Hkv, group, D = 10, 4, 2, 3, 32
-    ref = QuantizedPagedKVCache(1, NB, bs, Hkv, D, kv_cache_dtype="int4", device=DEVICE)
-    fused = FusedInt4Cache(1, NB, bs, Hkv, D, device=DEVICE)
+    ref, fused = (QuantizedPagedKVCache(1, NB, bs, Hkv, D, kv_cache_dtype="int4", device=DEVICE,
+                                        attention_backend=b) for b in ("torch", "triton"))
+    for c in (ref, fused):                        # start small so that the pool has to grow
+        c.residual = paged_triton.Int4Residual.create(1, NB, bs, Hkv, D, c.dtype, DEVICE, rows=2)
     tables = torch.tensor([[3, 7, 1, -1], [5, 0, 9, -1]], dtype=torch.int32, device=DEVICE)
     g = torch.Generator().manual_seed(0)
     lens = [6, 3]
@@ -300,33 +270,30 @@ def test_engine_steps_equal_quantized_paged_cache():
             cache.set_metadata(m)
             outs.append(cache.attend(0, q, k, v))
         assert rel_err(outs[1], outs[0].double()) < 1e-5, step
-        assert fused.rows.rows_in_use == ref.num_residual_blocks, step
+        partial = sum(e % bs != 0 for e in end)   # one row per sequence with a partial block
+        assert fused.residual.rows_in_use == ref.num_residual_blocks == partial, step
+    assert fused.residual.k_res[0].shape[0] > 2                    # the pool grew during the prefill
     sealed = [3, 7, 1, 5, 0]                      # 12 and 9 tokens: 3 + 2 full blocks (1: last step)
-    assert fused.rows.res_slot[sealed].eq(-1).all() and int(fused.rows.res_slot[9]) >= 0
+    assert fused.residual.res_slot[sealed].eq(-1).all() and int(fused.residual.res_slot[9]) >= 0
     for name in ("k_cache", "v_cache", "k_scale", "k_zero", "v_scale", "v_zero"):
         assert torch.equal(getattr(fused, name)[0][sealed], getattr(ref, name)[0][sealed]), name
 
 
 @pytest.mark.parametrize("block_size", [4, 16])
 def test_llm_triton_int4_greedy_equals_torch(tiny_model, block_size):
-    """kvlab.LLM(attention_backend="triton", kv_cache_dtype="int4") gives the torch backend's
-    greedy tokens, both as it stands (kvlab.quant.paged dequantizes, the float kernels attend)
-    and with its cache swapped for FusedInt4Cache (the int4 kernels write and attend)."""
+    """kvlab.LLM(attention_backend="triton", kv_cache_dtype="int4"), whose cache writes and attends
+    through the int4 kernels, gives the torch backend's greedy tokens."""
     model = copy.deepcopy(tiny_model).to(DEVICE)
     g = torch.Generator().manual_seed(block_size)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 19, 1)]
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     tokens = {}
-    for backend in ("torch", "triton", "fused"):
+    for backend in ("torch", "triton"):
         llm = LLM(model, block_size=block_size, num_kv_blocks=24, max_model_len=64,
-                  attention_backend="torch" if backend == "torch" else "triton", kv_cache_dtype="int4")
-        if backend == "fused":
-            c = model.config
-            llm.cache = llm.runner.cache = FusedInt4Cache(c.num_layers, 24, block_size, c.num_kv_heads,
-                                                          c.head_dim, dtype=model.dtype, device=DEVICE)
+                  attention_backend=backend, kv_cache_dtype="int4")
         tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-        if backend == "fused":                    # the kernels did quantize blocks: 24 tokens of 19 + 6
+        if backend == "triton":                   # the kernels did quantize blocks: 24 tokens of 19 + 6
+            assert llm.cache.fused
             assert int((llm.cache.k_scale[-1] != 0).any(-1).any(-1).sum()) >= 24 // block_size
     assert tokens["triton"] == tokens["torch"]
-    assert tokens["fused"] == tokens["torch"]
-    assert all(len(t) == 6 for t in tokens["fused"])
+    assert all(len(t) == 6 for t in tokens["triton"])

@@ -12,8 +12,10 @@ quantized); kvlab/kernels/reshape_and_cache_int4.py describes them. The int4 wri
 block as soon as its last slot is written but leaves its residual row mapped, so this step's
 attention still reads it in full precision, as kvlab.quant.paged does; after the attention the
 caller unmaps the blocks `int4_sealed_blocks(slot_mapping, block_size)` names. `Int4Residual`
-does that bookkeeping for a whole model: `open` before a step's first layer, `close` after its
-last, `args(layer)` for the kernels in between.
+(kvlab.quant.residual, re-exported here) does that bookkeeping for a whole model: `open` before a
+step's first layer, `close` after its last, `args(layer)` for the kernels in between.
+kvlab.quant.paged.QuantizedPagedKVCache calls these entry points with its quantized blocks when
+its attention backend is "triton".
 
 Decode uses version 3 (split-K with fused dequantization). Prefill over cached prefix blocks
 reuses the same kernel: query i of sequence s, at absolute position context_len - q_len + i, is a
@@ -25,14 +27,13 @@ style) would read each tile once per query *tile* and is the next step for long 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from kvlab.kernels._checks import check_tensor
 from kvlab.kernels.decode_attention_v3 import paged_decode_attention_v3
 from kvlab.kernels.reshape_and_cache import reshape_and_cache as _reshape_and_cache
 from kvlab.kernels.reshape_and_cache_int4 import sealed_blocks as int4_sealed_blocks
+from kvlab.quant.residual import Int4Residual
 
 __all__ = ["reshape_and_cache", "paged_decode_attention", "paged_prefill_attention",
            "int4_sealed_blocks", "Int4Residual"]
@@ -70,65 +71,3 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, 
     tok_tables = block_tables[seq].contiguous()
     return paged_decode_attention_v3(q.contiguous(), k_cache, v_cache, tok_tables, tok_ctx,
                                      scale, k_scale=k_scale, v_scale=v_scale, **int4)
-
-
-@dataclass
-class Int4Residual:
-    """The int4 residual window of every layer: full-precision rows for blocks not yet sealed.
-
-    k_res, v_res: one [R, BS, Hkv, D] pool per layer (model dtype); res_slot int32 [NB], shared by
-    the layers (a block id means the same slots in each), -1 for a sealed block; free: rows not in
-    use. A block gets a row when a step first writes it and gives it back after the step that
-    wrote its last slot, as kvlab.quant.paged's residual table holds a block from its first write
-    until it is quantized (a block freed while partial keeps its row until it is filled again).
-    The pool grows (doubling) when a step needs more rows than are free: at most one row per
-    running sequence plus the blocks a step fills.
-    """
-    block_size: int
-    k_res: list
-    v_res: list
-    res_slot: torch.Tensor
-    free: list
-
-    @classmethod
-    def create(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-               head_dim: int, dtype: torch.dtype = torch.float32, device="cpu", rows: int = 16):
-        if rows <= 0:
-            raise ValueError(f"Int4Residual needs at least one row, got rows={rows}")
-        pool = [torch.zeros(rows, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
-                for _ in range(2 * num_layers)]
-        return cls(block_size, pool[:num_layers], pool[num_layers:],
-                   torch.full((num_blocks,), -1, dtype=torch.int32, device=device),
-                   list(range(rows - 1, -1, -1)))
-
-    @property
-    def rows_in_use(self) -> int:
-        return self.k_res[0].shape[0] - len(self.free)
-
-    def _grow(self, need: int) -> None:
-        R = self.k_res[0].shape[0]
-        new = max(2 * R, R + need)
-        for pools in (self.k_res, self.v_res):
-            for i, p in enumerate(pools):
-                pools[i] = torch.cat([p, p.new_zeros(new - R, *p.shape[1:])])
-        self.free = list(range(new - 1, R - 1, -1)) + self.free
-
-    def open(self, slot_mapping: torch.Tensor) -> None:
-        """Before a step's first layer: a residual row for every block it writes that has none."""
-        s = slot_mapping[slot_mapping >= 0]
-        blocks = (s // self.block_size).unique()
-        blocks = blocks[self.res_slot[blocks] < 0].tolist()
-        if len(blocks) > len(self.free):
-            self._grow(len(blocks) - len(self.free))
-        for b in blocks:
-            self.res_slot[b] = self.free.pop()
-
-    def close(self, slot_mapping: torch.Tensor) -> None:
-        """After a step's last layer: the blocks it sealed give their rows back."""
-        for b in int4_sealed_blocks(slot_mapping, self.block_size).tolist():
-            self.free.append(int(self.res_slot[b]))
-            self.res_slot[b] = -1
-
-    def args(self, layer: int) -> dict:
-        """The residual keyword arguments of the int4 kernels for one layer."""
-        return dict(k_res=self.k_res[layer], v_res=self.v_res[layer], res_slot=self.res_slot)

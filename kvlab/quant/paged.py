@@ -3,7 +3,8 @@
 Same contract as `kvlab.cache.paged.PagedKVCache` (docs/architecture.md sections 3 and 4): the
 engine constructs it with the same arguments plus `kv_cache_dtype`, sizes its pool with
 `bytes_per_block`, and sets an `AttentionMetadata` before every forward. Per layer it keeps codes
-and scales next to each other, block-indexed like the full-precision pool:
+and scales next to each other, block-indexed like the full-precision pool, in the layout the Triton
+kernels of kvlab/kernels/ read:
 
 | kv_cache_dtype | codes (K and V each) | scales |
 |---|---|---|
@@ -11,17 +12,24 @@ and scales next to each other, block-indexed like the full-precision pool:
 | fp8  | float8_e4m3fn `[NB, BS, Hkv, D]` | float32 per layer, `[]` or `[Hkv]` (`fp8_scales`, default 1.0) |
 | int4 | uint8 `[NB, BS, Hkv, D/2]` | keys float16 scale, zero `[NB, Hkv, D]`; values `[NB, BS, Hkv, D/32]` |
 
-Reading dequantizes the blocks this step's block tables name (into a small temporary pool, block
-ids remapped), then runs the backend's paged attention on them, the same reference as the
-full-precision cache. A fused kernel would dequantize inside the attention loop instead; the
-numbers it must reproduce are these.
+int4 also keeps its residual window, the blocks not yet quantized, in full precision in a pool of
+rows (`kvlab.quant.residual.Int4Residual`): opened by `set_metadata` before a step, a block sealed
+(quantized) by the write that fills it, its row still read by that step's attention and given back
+after the step's last layer.
 
-int4 (KIVI) keeps each sequence's last, partial block in full precision (the residual window) in a
-side table `residual[layer][block_id]`; a block is quantized when its last slot is written, *after*
-this step's attention, so the queries of a prefill attend over their own block in full precision
-as in KIVI, and a decode step sees exactly what `kvlab.quant.sim.FakeQuantKVCache` shows it. A
-residual entry is dropped when its block fills or when slot 0 of its block is written again (a
-freed block reused); at most one entry per block id exists, see `num_residual_blocks`.
+Both attention backends store the same bytes; they differ in who computes them:
+
+- "triton": the fused path. The write kernel (reshape_and_cache, int4: reshape_and_cache_int4)
+  quantizes the new rows on the way in, and the decode / prefill kernels of
+  kvlab.attention.paged_triton read the codes and scales directly, dequantizing tile by tile in
+  registers. Nothing is dequantized in PyTorch.
+- "torch": the reference, the slow twin of the same bytes. `write` quantizes with kvlab.quant's
+  PyTorch functions; `dequantize_blocks` turns the blocks this step's block tables name into a
+  small temporary float pool (block ids remapped), and paged_torch's attention runs on it.
+
+The kernels are bit-identical to the PyTorch quantizers (tests/test_kernels_cache.py,
+tests/test_kernels_int4.py), so after the same steps the two backends hold the same bytes and
+their attention outputs differ only by float rounding (tests/test_kernels_quant_engine.py).
 """
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ import torch
 from kvlab.attention import backend_module
 from kvlab.quant import bytes_per_block_per_head, fp8, int4, int8
 from kvlab.quant.common import check_kv_cache_dtype
+from kvlab.quant.residual import Int4Residual, sealed_blocks
 
 
 class QuantizedPagedKVCache:
@@ -40,7 +49,7 @@ class QuantizedPagedKVCache:
     fp8_scales=None)
 
     `dtype` is the model's: what reads return and what int4's residual window is kept in.
-    `fp8_scales`: optional (k_scales, v_scales), one `[]` or `[Hkv]` tensor per layer.
+    `fp8_scales`: optional (k_scales, v_scales), one positive `[]` or `[Hkv]` tensor per layer.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
@@ -56,11 +65,15 @@ class QuantizedPagedKVCache:
                 raise ValueError(f"QuantizedPagedKVCache: {name} must be positive, got {value}")
         if kv_cache_dtype == "int4":
             int4.value_group(head_dim)  # raises for a head_dim int4 cannot group
+        if fp8_scales is not None and kv_cache_dtype != "fp8":
+            raise ValueError(f"fp8_scales is only for kv_cache_dtype='fp8', not {kv_cache_dtype!r}")
         self.kv_cache_dtype = kv_cache_dtype
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
         self.device = torch.device(device)
+        self.attention_backend = attention_backend
         self.ops = backend_module(attention_backend)
+        self.fused = attention_backend == "triton"
         self.scale = 1.0 / math.sqrt(head_dim)
         self.metadata = None
         NB, BS, H, D, dev = num_blocks, block_size, num_kv_heads, head_dim, self.device
@@ -75,15 +88,25 @@ class QuantizedPagedKVCache:
         elif kv_cache_dtype == "fp8":
             self.k_cache, self.v_cache = (zeros(NB, BS, H, D, dt=fp8.FP8) for _ in "kv")
             ks, vs = fp8_scales if fp8_scales is not None else ([1.0] * num_layers, [1.0] * num_layers)
-            self.k_scale = [torch.as_tensor(s, dtype=torch.float32, device=dev) for s in ks]
-            self.v_scale = [torch.as_tensor(s, dtype=torch.float32, device=dev) for s in vs]
+            self.k_scale, self.v_scale = (self._fp8_scales(name, s) for name, s in
+                                          (("k_scales", ks), ("v_scales", vs)))
         else:  # int4
             G = D // int4.value_group(D)
             self.k_cache, self.v_cache = (zeros(NB, BS, H, D // 2, dt=torch.uint8) for _ in "kv")
             self.k_scale, self.k_zero = (zeros(NB, H, D, dt=f16) for _ in "sz")
             self.v_scale, self.v_zero = (zeros(NB, BS, H, G, dt=f16) for _ in "sz")
-            # block id -> (k, v) [BS, Hkv, D] in the model dtype, per layer
-            self.residual: list[dict[int, tuple]] = [{} for _ in range(num_layers)]
+            self.residual = Int4Residual.create(num_layers, NB, BS, H, D, dtype, dev)
+
+    def _fp8_scales(self, name: str, scales) -> list[torch.Tensor]:
+        if len(scales) != self.num_layers:
+            raise ValueError(f"fp8_scales: {name} needs one scale per layer ({self.num_layers}), "
+                             f"got {len(scales)}")
+        out = [torch.as_tensor(s, dtype=torch.float32, device=self.device).contiguous() for s in scales]
+        for s in out:
+            if tuple(s.shape) not in ((), (self.num_kv_heads,)) or not bool((s > 0).all()):
+                raise ValueError(f"fp8_scales: each of {name} must be positive, of shape [] or "
+                                 f"[{self.num_kv_heads}] (per KV head), got {s.tolist()}")
+        return out
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -94,15 +117,25 @@ class QuantizedPagedKVCache:
 
     @property
     def num_residual_blocks(self) -> int:
-        """int4: full-precision partial blocks currently held (0 for the other formats)."""
-        return len(self.residual[0]) if self.kv_cache_dtype == "int4" else 0
+        """int4: full-precision blocks (residual rows) currently held (0 for the other formats)."""
+        return self.residual.rows_in_use if self.kv_cache_dtype == "int4" else 0
 
     def set_metadata(self, metadata) -> None:
+        """Called by the engine before each forward pass; int4 opens this step's residual rows."""
         self.metadata = metadata
+        if metadata is not None and self.kv_cache_dtype == "int4":
+            self.residual.open(metadata.slot_mapping)
 
-    # ---- write ------------------------------------------------------------------------------
-    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> list[int]:
-        """Quantize k, v [N, Hkv, D] into `slots`; int4 returns the blocks that filled."""
+    def kernel_args(self, layer: int) -> dict:
+        """The quantization keyword arguments of kvlab.attention.paged_triton for one layer."""
+        a = dict(k_scale=self.k_scale[layer], v_scale=self.v_scale[layer])
+        if self.kv_cache_dtype == "int4":
+            a.update(k_zero=self.k_zero[layer], v_zero=self.v_zero[layer], **self.residual.args(layer))
+        return a
+
+    # ---- the PyTorch reference: write and read ------------------------------------------------
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Quantize k, v [N, Hkv, D] into `slots` with kvlab.quant (what the write kernels do)."""
         keep = slots >= 0
         k, v, slots = k[keep], v[keep], slots[keep]
         NB, BS, H, D = self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim
@@ -111,34 +144,29 @@ class QuantizedPagedKVCache:
                 q, s = int8.quantize_int8(x)
                 codes[layer].view(NB * BS, H, D).index_copy_(0, slots, q)
                 scales[layer].view(NB * BS, H).index_copy_(0, slots, s)
-            return []
-        if self.kv_cache_dtype == "fp8":
+        elif self.kv_cache_dtype == "fp8":
             for x, codes, scale in ((k, self.k_cache, self.k_scale), (v, self.v_cache, self.v_scale)):
                 q = fp8.quantize_fp8(x, scale[layer]).view(torch.uint8)  # CPU index_copy_ lacks fp8
                 codes[layer].view(torch.uint8).view(NB * BS, H, D).index_copy_(0, slots, q)
-            return []
-        full, res = [], self.residual[layer]
-        blocks, offsets = (slots // BS).tolist(), (slots % BS).tolist()
-        for i, (b, o) in enumerate(zip(blocks, offsets)):
-            if o == 0 or b not in res:  # a block starts (or is reused): fresh residual buffers
-                res[b] = (torch.zeros(BS, H, D, dtype=self.dtype, device=self.device),
-                          torch.zeros(BS, H, D, dtype=self.dtype, device=self.device))
-            res[b][0][o], res[b][1][o] = k[i], v[i]
-            if o == BS - 1:
-                full.append(b)
-        return full
+        else:  # int4: rows into the residual pool, then seal the blocks this write filled
+            res = self.residual
+            rows = res.res_slot[slots // BS].long()
+            if bool((rows < 0).any()):
+                raise RuntimeError("int4 write to a block without a residual row: call set_metadata "
+                                   "with this step's slot mapping first")
+            flat = rows * BS + slots % BS
+            for x, pool in ((k, res.k_res[layer]), (v, res.v_res[layer])):
+                pool.view(-1, H, D).index_copy_(0, flat, x.to(pool.dtype))
+            for b in sealed_blocks(slots, BS).tolist():
+                r = int(res.res_slot[b])
+                (self.k_cache[layer][b], self.k_scale[layer][b],
+                 self.k_zero[layer][b]) = int4.quantize_keys(res.k_res[layer][r])
+                (self.v_cache[layer][b], self.v_scale[layer][b],
+                 self.v_zero[layer][b]) = int4.quantize_values(res.v_res[layer][r])
 
-    def _seal_int4(self, layer: int, blocks: list[int]) -> None:
-        """Quantize filled blocks: keys per channel over the block's tokens, values per token."""
-        res = self.residual[layer]
-        for b in blocks:
-            kb, vb = res.pop(b)
-            self.k_cache[layer][b], self.k_scale[layer][b], self.k_zero[layer][b] = int4.quantize_keys(kb)
-            self.v_cache[layer][b], self.v_scale[layer][b], self.v_zero[layer][b] = int4.quantize_values(vb)
-
-    # ---- read -------------------------------------------------------------------------------
     def dequantize_blocks(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full-precision K and V [len(blocks), BS, Hkv, D] of the given block ids (model dtype)."""
+        """Full-precision K and V [len(blocks), BS, Hkv, D] of the given block ids (model dtype);
+        int4 blocks that still hold a residual row are read from it."""
         b, dt = blocks.long(), self.dtype
         if self.kv_cache_dtype == "int8":
             return (int8.dequantize_int8(self.k_cache[layer][b], self.k_scale[layer][b], dt),
@@ -148,11 +176,38 @@ class QuantizedPagedKVCache:
                     fp8.dequantize_fp8(self.v_cache[layer][b], self.v_scale[layer], dt))
         k = int4.dequantize_keys(self.k_cache[layer][b], self.k_scale[layer][b], self.k_zero[layer][b], dt)
         v = int4.dequantize_values(self.v_cache[layer][b], self.v_scale[layer][b], self.v_zero[layer][b], dt)
-        res = self.residual[layer]
-        for i, bid in enumerate(blocks.tolist()):
-            if bid in res:  # the partial block: read its full-precision residual window
-                k[i], v[i] = res[bid]
+        rows = self.residual.res_slot[b].long()
+        hot = rows >= 0
+        if bool(hot.any()):  # partial blocks, and blocks sealed this step: the residual window
+            k[hot] = self.residual.k_res[layer][rows[hot]].to(dt)
+            v[hot] = self.residual.v_res[layer][rows[hot]].to(dt)
         return k, v
+
+    def _attend_reference(self, layer: int, q, k, v, m) -> torch.Tensor:
+        self.write(layer, k, v, m.slot_mapping)
+        tables = m.block_tables
+        used = tables[tables >= 0].unique()
+        kd, vd = self.dequantize_blocks(layer, used)          # [U, BS, Hkv, D]
+        remap = torch.full((self.num_blocks,), -1, dtype=tables.dtype, device=tables.device)
+        remap[used.long()] = torch.arange(used.numel(), dtype=tables.dtype, device=tables.device)
+        local = torch.where(tables >= 0, remap[tables.clamp(min=0).long()], tables)
+        if m.is_decode:
+            return self.ops.paged_decode_attention(q, kd, vd, local, m.context_lens, self.scale)
+        return self.ops.paged_prefill_attention(q, kd, vd, local, m.query_start_loc,
+                                                m.context_lens, self.scale)
+
+    # ---- the fused path: the Triton kernels read the quantized blocks -------------------------
+    def _attend_fused(self, layer: int, q, k, v, m) -> torch.Tensor:
+        kc, vc, a = self.k_cache[layer], self.v_cache[layer], self.kernel_args(layer)
+        # int4: set_metadata gave every written block a row, so the write's host-side check of
+        # the slots (a device sync per layer) is not needed
+        unchecked = dict(check_slots=False) if self.kv_cache_dtype == "int4" else {}
+        self.ops.reshape_and_cache(k, v, kc, vc, m.slot_mapping, **a, **unchecked)
+        if m.is_decode:
+            return self.ops.paged_decode_attention(q, kc, vc, m.block_tables, m.context_lens,
+                                                   self.scale, **a)
+        return self.ops.paged_prefill_attention(q, kc, vc, m.block_tables, m.query_start_loc,
+                                                m.context_lens, self.scale, **a)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [1, N, Hq, D], k and v [1, N, Hkv, D] (packed batch) -> [1, N, Hq, D]."""
@@ -161,20 +216,10 @@ class QuantizedPagedKVCache:
             raise RuntimeError("QuantizedPagedKVCache.attend called before set_metadata()")
         if q.shape[0] != 1:
             raise ValueError(f"the paged cache runs packed batches (B = 1), got B = {q.shape[0]}")
-        filled = self._write(layer, k[0], v[0], m.slot_mapping)
-        tables = m.block_tables
-        used = tables[tables >= 0].unique()
-        kd, vd = self.dequantize_blocks(layer, used)          # [U, BS, Hkv, D]
-        remap = torch.full((self.num_blocks,), -1, dtype=tables.dtype, device=tables.device)
-        remap[used.long()] = torch.arange(used.numel(), dtype=tables.dtype, device=tables.device)
-        local = torch.where(tables >= 0, remap[tables.clamp(min=0).long()], tables)
-        if m.is_decode:
-            out = self.ops.paged_decode_attention(q[0], kd, vd, local, m.context_lens, self.scale)
-        else:
-            out = self.ops.paged_prefill_attention(q[0], kd, vd, local, m.query_start_loc,
-                                                   m.context_lens, self.scale)
-        if filled:
-            self._seal_int4(layer, filled)
+        attend = self._attend_fused if self.fused else self._attend_reference
+        out = attend(layer, q[0], k[0], v[0], m)
+        if self.kv_cache_dtype == "int4" and layer == self.num_layers - 1:
+            self.residual.close(m.slot_mapping)   # the step's sealed blocks give their rows back
         return out.unsqueeze(0)
 
     def advance(self, num_tokens: int) -> None:
