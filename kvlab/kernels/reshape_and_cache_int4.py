@@ -2,9 +2,9 @@
 
 int4 keys are quantized *per channel over a group of block_size tokens* (kvlab.quant.int4; Liu et
 al., 2024, "KIVI"), so a key cannot be quantized on its own: its scale depends on tokens that do
-not exist yet. kvlab.quant.paged keeps a sequence's last, partial block in full precision (the
-residual window) and quantizes a block once, when its last slot is written, after that step's
-attention. The kernels follow the same timing with GPU-friendly storage:
+not exist yet. A sequence's last, partial block stays in full precision (the residual window) and
+a block is quantized once, when its last slot is written; that step's attention still reads it in
+full precision. The storage (kvlab.quant.residual, shared with kvlab.quant.paged's PyTorch path):
 
     residual pool   k_res, v_res [R, BS, Hkv, D] in the model dtype (rows handed out by the caller)
     res_slot        int32 [NB]: the residual row of block b, or -1 once b is quantized ("sealed")
@@ -21,10 +21,9 @@ last slot of its block: read the block's BS full-precision rows back and write
             channel -> k_cache, v_cache uint8 [NB, BS, Hkv, D / 2]
 
 The launches are ordered on the stream, so launch 2 sees every row launch 1 wrote, including the
-other tokens of a block filled by one prefill. Quantizing right away instead of after attention
-changes nothing this step sees: a block whose res_slot is still >= 0 is read from the residual
-pool by the decode kernel (decode_attention_v3), exactly as the PyTorch path reads its residual
-table. The caller sets res_slot[b] = -1 for the sealed blocks after the step's attention, and
+other tokens of a block filled by one prefill. Quantizing before this step's attention changes
+nothing it sees: a block whose res_slot is still >= 0 is read from the residual pool by the decode
+kernel (decode_attention_v3), exactly as the PyTorch path reads its residual rows. The caller sets res_slot[b] = -1 for the sealed blocks after the step's attention, and
 frees their rows; `sealed_blocks` lists them.
 
 Bit-identical to kvlab.quant.int4: every step is the same float32 operation in the same order,
