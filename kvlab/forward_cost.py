@@ -27,7 +27,10 @@ that machine can be faster. Prefill (new_tokens = the prompt) has an intensity o
 
 The weight split uses `vocab_size` and `tie_embeddings` of a `kvlab.memory.KVConfig` (or a
 `LlamaConfig`, converted); with vocab_size unknown (0) every weight counts as a matmul weight read
-and used by every token, which overcounts by the embedding table. For a mixture of experts,
+and used by every token, which overcounts by the embedding table. The normalization weights (one
+vector per norm) are counted as matmul weights too, 2 FLOPs per weight per token, an overcount of
+0.03 % for SmolLM2; `kvlab.flops` counts the matmuls alone (`tests/test_flops.py` checks the two
+differ by exactly that). For a mixture of experts,
 `active_params` (the weights one token passes through) replaces num_params for FLOPs and for the
 bytes of a batch-1 step; a larger batch reads more experts, which this lower bound leaves out.
 Multi-head latent attention is counted as if it attended with num_heads x head_dim (an estimate).
