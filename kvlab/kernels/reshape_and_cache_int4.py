@@ -23,8 +23,9 @@ last slot of its block: read the block's BS full-precision rows back and write
 The launches are ordered on the stream, so launch 2 sees every row launch 1 wrote, including the
 other tokens of a block filled by one prefill. Quantizing before this step's attention changes
 nothing it sees: a block whose res_slot is still >= 0 is read from the residual pool by the decode
-kernel (decode_attention_v3), exactly as the PyTorch path reads its residual rows. The caller sets res_slot[b] = -1 for the sealed blocks after the step's attention, and
-frees their rows; `sealed_blocks` lists them.
+kernel (decode_attention_v3), exactly as the PyTorch path reads its residual rows. The caller
+sets res_slot[b] = -1 for the sealed blocks after the step's attention, and frees their rows;
+`sealed_blocks` lists them.
 
 Bit-identical to kvlab.quant.int4: every step is the same float32 operation in the same order,
 divisions are IEEE round-to-nearest (tl.math.div_rn, not the GPU's approximate divide), float16
