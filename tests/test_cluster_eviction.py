@@ -78,11 +78,13 @@ def test_lru_evicts_the_oldest_leaf_never_an_inner_block():
 
 def test_lfu_keeps_the_often_used_block():
     c = PrefixCache(2, "lfu")
-    c.serve([10]); c.serve([10]); c.serve([20])        # 10 used twice, 20 once
+    for names in ([10], [10], [20]):                   # 10 used twice, 20 once
+        c.serve(names)
     c.serve([30])                                      # evicts 20 (fewer uses), LRU would evict 10
     assert set(c.entries) == {10, 30}
     lru = PrefixCache(2, "lru")
-    lru.serve([10]); lru.serve([10]); lru.serve([20]); lru.serve([30])
+    for names in ([10], [10], [20], [30]):
+        lru.serve(names)
     assert set(lru.entries) == {20, 30}
 
 
@@ -140,7 +142,8 @@ def test_budget_tree_and_heap_equals_scan(reqs, budget, policy):
         h = fast.serve(names, usable)
         assert h == slow.serve(names, usable)
         assert h <= inf.serve(names, usable) <= usable
-        fast.check(); slow.check()
+        fast.check()
+        slow.check()
         assert set(fast.entries) == set(slow.entries)
     assert fast.evictions == slow.evictions and inf.evictions == 0
 

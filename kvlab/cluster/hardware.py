@@ -10,10 +10,11 @@ overhead, small transfers, contention), so every time computed from them is a lo
 |---|---|---|
 | `HBM3 (H100 SXM)` | 3.35 TB/s | NVIDIA H100 Tensor Core GPU datasheet (also `kvlab.roofline.GPUS`) |
 | `NVLink 4 (H100 SXM)` | 450 GB/s | H100 datasheet: 900 GB/s NVLink, counted over both directions |
-| `PCIe 5.0 x16` | 64 GB/s | PCI-SIG PCIe 5.0 spec: 32 GT/s per lane x 16 lanes (128b/130b: 63 GB/s); H100 datasheet lists 128 GB/s over both directions |
+| `PCIe 5.0 x16` | 64 GB/s | PCI-SIG PCIe 5.0 spec: 32 GT/s x 16 lanes (63 GB/s after 128b/130b) |
 | `InfiniBand NDR (ConnectX-7)` | 50 GB/s | NVIDIA ConnectX-7 datasheet: 400 Gb/s per port |
 | `NVMe SSD (PCIe 4.0 x4)` | 7 GB/s read | Samsung PM1733 datasheet: 7,000 MB/s sequential read |
 
+The H100 datasheet lists PCIe Gen5 as 128 GB/s, counted over both directions.
 Capacities of one NVIDIA DGX H100 (DGX H100 datasheet): 8 x 80 GB HBM3, 2 TB of system memory,
 8 x 3.84 TB NVMe U.2 data drives (30.72 TB).
 """
