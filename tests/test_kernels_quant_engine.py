@@ -94,14 +94,14 @@ def test_steps_store_same_bytes(fmt):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_llm_greedy_triton_equals_torch(tiny_model, fmt):
     """kvlab.LLM greedy tokens with the fused kernels == with the torch backend, blocks of 8,
-    prompts of 5, 19 and 1 tokens in one batch, then a prompt sharing the first one's 16-token
+    prompts of 21 and 6 tokens in one batch, then a prompt sharing the first one's 16-token
     prefix (a prefix-cache hit: its prefill attends over cached quantized blocks). Layer 0's K/V
     depend on the tokens only, so the two caches hold the same layer-0 bytes at the end."""
     model = copy.deepcopy(tiny_model).to(DEVICE)
     g = torch.Generator().manual_seed(7)
-    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (21, 19, 1)]
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (21, 6)]
     later = prompts[0][:16] + torch.randint(0, 256, (3,), generator=g).tolist()
-    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     runs = {}
     for backend in ("torch", "triton"):
         llm = LLM(model, block_size=8, num_kv_blocks=24, max_model_len=64,
@@ -111,7 +111,7 @@ def test_llm_greedy_triton_equals_torch(tiny_model, fmt):
         assert second.num_cached_tokens == 16
         runs[backend] = (first + [second.outputs[0].token_ids], llm)
     assert runs["triton"][0] == runs["torch"][0]
-    assert all(len(t) == 5 for t in runs["triton"][0])
+    assert all(len(t) == 4 for t in runs["triton"][0])
     ref, fused = runs["torch"][1].cache, runs["triton"][1].cache
     for name in STORAGE[fmt]:
         x, y = getattr(ref, name)[0], getattr(fused, name)[0]
