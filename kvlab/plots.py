@@ -85,5 +85,8 @@ def savefig(fig, name: str) -> Path:
     out = figures_dir()
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.png"
-    fig.savefig(path, format="png", metadata=_PNG_METADATA)
+    # The save settings are passed explicitly, so a figure saved after its `with style():` block
+    # has ended still gets the course's resolution and tight bounding box.
+    fig.savefig(path, format="png", metadata=_PNG_METADATA, dpi=STYLE["savefig.dpi"],
+                bbox_inches=STYLE["savefig.bbox"], pad_inches=STYLE["savefig.pad_inches"])
     return path

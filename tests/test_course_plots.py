@@ -64,3 +64,18 @@ def test_style_is_scoped_and_apply_style_is_global():
     with matplotlib.rc_context():
         plots.apply_style()
         assert matplotlib.rcParams["savefig.dpi"] == plots.STYLE["savefig.dpi"]
+
+
+def test_a_figure_saved_after_its_style_block_keeps_the_course_resolution(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVLAB_FIGURES_DIR", str(tmp_path))
+    with plots.style():
+        fig, ax = plt.subplots(figsize=(4, 2))
+        ax.set_ylabel("a long label that a default bounding box would cut off")
+    inside = plots.savefig(fig, "inside")
+    with matplotlib.rc_context({"savefig.dpi": 72, "savefig.bbox": None}):   # outside the block
+        outside = plots.savefig(fig, "outside")
+    plt.close(fig)
+    assert inside.read_bytes() == outside.read_bytes()
+    from PIL import Image
+    with Image.open(outside) as im:
+        assert im.size[1] > 2 * 100   # 150 dpi, tight box: about 2 in tall at 150 px per inch
