@@ -15,9 +15,11 @@ values are already cached (P = 0 without a cache), costs:
   generation asks for one row per step (`last_only=True`).
 
 Left out, because they grow only linearly with T and are small: embedding lookup, RMSNorm, RoPE,
-softmax, SiLU, residual additions. Kaplan et al. count attention as 2 L n_ctx d_model per token,
-the same order as here. Pope et al., 2022, "Efficiently Scaling Transformer Inference" use the
-same split into weight FLOPs and attention FLOPs.
+softmax, SiLU, residual additions. Kaplan et al. give 2 n_layer n_ctx d_attn FLOPs per token for the
+context-dependent part; here the scores and the weighted sum of values are each counted, 2 D FLOPs
+per key and query head apiece, so 4 L Hq D per (query, key) pair. Pope et al., 2022, "Efficiently
+Scaling Transformer Inference" split the cost of inference the same way, into weight FLOPs and
+attention FLOPs.
 
 Without a cache, step t of a generation runs a forward over all n = prompt + t tokens; with one,
 step 0 runs the prompt (prefill) and later steps run one token against n - 1 cached ones (decode).
