@@ -62,19 +62,21 @@ class StepRecord:
         """Fraction of blocks referenced during the forward (vLLM's kv_cache_usage_perc)."""
         return 1.0 - self.num_free_blocks / self.num_blocks
 
-    def describe(self, show_slots: int = 6) -> str:
-        """A few lines a person can read: the step, then one line per scheduled sequence."""
+    def describe(self, show_slots: int = 6, show_tokens: bool = True) -> str:
+        """A few lines a person can read: the step, then one line per scheduled sequence (at most
+        `show_slots` of its slots, and the token it sampled unless show_tokens is False)."""
         kind = "decode" if self.is_decode else "mixed" if any(s.phase == "decode" for s in self.seqs) \
             else "prefill"
         after = "" if self.num_free_blocks_after is None else f" -> {self.num_free_blocks_after} after"
-        lines = [f"step {self.step} ({kind}, {self.num_batched_tokens} tokens): running {self.num_running}, "
+        n = self.num_batched_tokens
+        lines = [f"step {self.step} ({kind}, {n} token{'' if n == 1 else 's'}): running {self.num_running}, "
                  f"waiting {self.num_waiting}, free blocks {self.num_free_blocks}/{self.num_blocks}{after}, "
                  f"preemptions {self.num_preemptions}"]
         for s in self.seqs:
             slots = s.slots if len(s.slots) <= show_slots else \
                 [*s.slots[:show_slots // 2], "...", *s.slots[-(show_slots - show_slots // 2):]]
             hit = f", cache hit {s.num_cached_tokens}" if s.phase == "prefill" and s.num_cached_tokens else ""
-            tok = f" -> token {self.tokens[s.request_id]}" if s.request_id in self.tokens else ""
+            tok = f" -> token {self.tokens[s.request_id]}" if show_tokens and s.request_id in self.tokens else ""
             fin = f" [{self.finished[s.request_id]}]" if s.request_id in self.finished else ""
             lines.append(f"  {s.request_id}: {s.phase} positions {s.start}..{s.end - 1}{hit}, "
                          f"blocks {s.block_table}, slots {slots}{tok}{fin}".replace("'...'", "..."))
