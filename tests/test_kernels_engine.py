@@ -11,8 +11,11 @@ from _paged_helpers import DEVICE
 from kvlab import LLM, SamplingParams
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int4"])
 @pytest.mark.parametrize("block_size", [16, 4])
-def test_triton_backend_greedy_equals_torch(tiny_model, block_size):
+def test_triton_backend_greedy_equals_torch(tiny_model, block_size, kv_cache_dtype):
+    """Greedy tokens of the triton backend equal the torch backend's; with the int4 cache the
+    kernels write and read the packed blocks themselves (int8 and fp8: test_kernels_quant_engine.py)."""
     model = copy.deepcopy(tiny_model).to(DEVICE)
     g = torch.Generator().manual_seed(block_size)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 19, 1)]
@@ -20,7 +23,10 @@ def test_triton_backend_greedy_equals_torch(tiny_model, block_size):
     tokens = {}
     for backend in ("torch", "triton"):
         llm = LLM(model, block_size=block_size, num_kv_blocks=24, max_model_len=64,
-                  attention_backend=backend)
+                  attention_backend=backend, kv_cache_dtype=kv_cache_dtype)
         tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        if backend == "triton" and kv_cache_dtype == "int4":   # 24 tokens (19 + 6) sealed into blocks
+            assert llm.cache.fused
+            assert int((llm.cache.k_scale[-1] != 0).any(-1).any(-1).sum()) >= 24 // block_size
     assert tokens["triton"] == tokens["torch"]
     assert all(len(t) == 6 for t in tokens["triton"])
