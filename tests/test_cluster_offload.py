@@ -24,7 +24,7 @@ from kvlab.roofline import GPUS, Machine
 
 H100 = GPUS["H100 SXM"]
 TOY = KVConfig("toy", num_layers=1, num_heads=1, num_kv_heads=1, head_dim=1, hidden_size=1,
-               num_params=0.5, max_context=10**6)
+               num_params=3.5, max_context=10**6)   # 3 norm weights (h (2 L + 1)), W = 0.5 matmul weights
 UNIT = Machine("unit", peak_flops=1.0, bandwidth=1.0)
 
 

@@ -3,7 +3,8 @@ import math
 
 import pytest
 
-from kvlab.forward_cost import ForwardCost, _keys_seen, forward_cost, generation_cost, weight_split
+from kvlab.flops import forward_flops, norm_weights, weight_split
+from kvlab.forward_cost import ForwardCost, forward_cost, generation_cost
 from kvlab.memory import MODELS, KVConfig, kv_bytes_per_token
 from kvlab.model.config import SMOLLM2_135M
 from kvlab.roofline import GPUS, Machine
@@ -12,20 +13,15 @@ TOY = KVConfig("toy", num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, hid
                num_params=10_000, max_context=64, vocab_size=50)
 
 
-@pytest.mark.parametrize("n,c,w", [(1, 0, None), (5, 0, None), (1, 9, None), (7, 3, None),
-                                   (10, 0, 4), (1, 100, 16), (6, 2, 5), (3, 1, 100), (8, 8, 8)])
-def test_keys_seen_matches_a_loop(n, c, w):
-    brute = sum(min(c + i + 1, w) if w else c + i + 1 for i in range(n))
-    assert _keys_seen(n, c, w) == brute
-
-
 def test_toy_prefill_by_hand():
     body, head = weight_split(TOY)
-    assert head == 50 * 32 and body == 10_000 - 2 * 50 * 32   # untied: embedding and head both out
+    norms = 32 * (2 * 2 + 1)                                     # RMSNorm vectors: read, not matmuls
+    assert norm_weights(TOY) == norms
+    assert head == 50 * 32 and body == 10_000 - 2 * 50 * 32 - norms   # untied: embedding and head both out
     cost = forward_cost(TOY, 5, 0, 1, weight_dtype_bytes=2, kv_dtype_bytes=2)
     attn = 4 * 4 * 8 * 2 * (1 + 2 + 3 + 4 + 5)                 # 4 Hq D per key, 2 layers, causal
     assert cost.flops == 2 * body * 5 + 2 * head * 1 + attn
-    assert cost.weight_bytes == (body + head) * 2
+    assert cost.weight_bytes == (10_000 - 50 * 32) * 2          # every weight but the input table
     assert cost.kv_read_bytes == 0                               # nothing cached yet
     assert cost.kv_write_bytes == 5 * kv_bytes_per_token(TOY, 2)
 
@@ -34,7 +30,7 @@ def test_toy_decode_by_hand():
     body, head = weight_split(TOY)
     cost = forward_cost(TOY, 1, 10, batch=3, weight_dtype_bytes=4, kv_dtype_bytes=4)
     assert cost.flops == 3 * (2 * body + 2 * head + 4 * 4 * 8 * 2 * 11)
-    assert cost.weight_bytes == (body + head) * 4                # read once for the whole batch
+    assert cost.weight_bytes == (body + norm_weights(TOY) + head) * 4   # read once for the whole batch
     assert cost.kv_read_bytes == 3 * 10 * kv_bytes_per_token(TOY, 4)
     assert cost.kv_write_bytes == 3 * kv_bytes_per_token(TOY, 4)
 
@@ -43,8 +39,16 @@ def test_smollm2_split_matches_the_model():
     body, head = weight_split(SMOLLM2_135M)
     c = SMOLLM2_135M
     assert head == c.vocab_size * c.hidden_size
-    assert body + head == c.num_parameters()                     # tied: the table counted once
+    assert body + norm_weights(c) + head == c.num_parameters()  # tied: the table counted once
     assert weight_split(MODELS["smollm2-135m"]) == (body, head)
+    assert forward_cost(c, 1).weight_bytes == 2 * c.num_parameters()
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "llama-3.1-8b", "mistral-7b", "gemma-2-9b", "deepseek-v3"])
+@pytest.mark.parametrize("tokens,context,batch", [(1, 0, 1), (10, 0, 1), (1, 5000, 8), (7, 33, 3)])
+def test_flops_are_kvlab_flops(model, tokens, context, batch):
+    """One FLOP convention in the package: forward_cost reports kvlab.flops' count (matmuls only)."""
+    assert forward_cost(model, tokens, context, batch).flops == forward_flops(model, tokens, context, batch).total
 
 
 def test_sliding_window_caps_keys_and_reads():
@@ -66,12 +70,6 @@ def test_prefill_compute_bound_decode_bandwidth_bound_on_h100():
     assert decode.floor_seconds(h100) == pytest.approx(decode.bytes / 3.35e12)
     assert 0.040 < decode.floor_seconds(h100) < 0.042
     assert prefill.floor_seconds(h100) == pytest.approx(prefill.flops / 989e12)
-
-
-def test_mixture_of_experts_uses_active_params():
-    ds = MODELS["deepseek-v3"]
-    body, head = weight_split(ds)
-    assert body + 2 * head == 37e9
 
 
 def test_generation_cost_lengths_and_growth():
@@ -117,3 +115,9 @@ def test_critical_batch():
     assert critical_batch(Machine("slow", peak_flops=1.0, bandwidth=100.0)) == 1
     with pytest.raises(ValueError, match="weight_dtype_bytes"):
         critical_batch(GPUS["H200"], 0)
+
+
+def test_mixture_of_experts_reads_the_active_weights_at_batch_1():
+    ds = MODELS["deepseek-v3"]
+    _, head = weight_split(ds)
+    assert forward_cost(ds, 1, 100).weight_bytes == (37e9 - head) * 2   # untied: the input table is a lookup

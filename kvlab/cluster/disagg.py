@@ -22,8 +22,9 @@ is the colocated answer: each step carries all decodes plus a bounded slice of p
 
 **Step time** is the roofline of the whole step (`step_seconds`): max(FLOPs / (mfu x peak), bytes /
 (mbu x bandwidth)), with the FLOPs and bytes of `kvlab.forward_cost` (weights read once per step,
-KV read per sequence). `step_seconds_reference` sums `forward_cost` calls, its slow twin. No KV
-capacity limit besides `max_batch` sequences per GPU, no CPU overheads: a model, not a measurement.
+KV read per sequence; FLOPs as `kvlab.flops` counts them). `step_seconds_reference` sums
+`forward_cost` calls, its slow twin. No KV capacity limit besides `max_batch` sequences per GPU, no
+CPU overheads: a model, not a measurement.
 The first token comes out of the prefill step (TTFT); TPOT is the mean gap between later tokens.
 """
 from __future__ import annotations
@@ -35,7 +36,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvlab.cluster.hardware import Link
-from kvlab.forward_cost import forward_cost, weight_split
+from kvlab.flops import weight_split
+from kvlab.forward_cost import forward_cost
 from kvlab.memory import as_kv_config, kv_bytes_per_token
 
 MODES = ("colocated", "chunked", "disagg")
@@ -58,7 +60,7 @@ class CostModel:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         body, head = weight_split(cfg)
         object.__setattr__(self, "_c", (body, head, cfg.num_heads * cfg.head_dim * cfg.num_layers,
-                                        kv_bytes_per_token(cfg), 2 * (body + head)))
+                                        kv_bytes_per_token(cfg), forward_cost(cfg, 1).weight_bytes))
 
     def step_seconds(self, chunks=(), decode_contexts=()) -> float:
         """One step: prefill `chunks` = [(new tokens, tokens already cached), ...] (one logit row each)
