@@ -32,6 +32,15 @@ class AttentionMetadata:
     is_decode: bool                # every sequence has exactly one new token
 
 
+def step_metadata(cache, q: torch.Tensor) -> AttentionMetadata:
+    """The metadata of the step a paged cache is attending in, after checking the call's shape."""
+    if cache.metadata is None:
+        raise RuntimeError(f"{type(cache).__name__}.attend called before set_metadata()")
+    if q.shape[0] != 1:
+        raise ValueError(f"the paged cache runs packed batches (B = 1), got B = {q.shape[0]}")
+    return cache.metadata
+
+
 class PagedKVCache:
     """K/V block pools for every layer plus the per-step metadata the engine sets.
 
@@ -71,11 +80,7 @@ class PagedKVCache:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [1, N, Hq, D], k and v [1, N, Hkv, D] (packed batch) -> [1, N, Hq, D]."""
-        m = self.metadata
-        if m is None:
-            raise RuntimeError("PagedKVCache.attend called before set_metadata()")
-        if q.shape[0] != 1:
-            raise ValueError(f"the paged cache runs packed batches (B = 1), got B = {q.shape[0]}")
+        m = step_metadata(self, q)
         q, k, v = q[0], k[0], v[0]
         kc, vc = self.k_cache[layer], self.v_cache[layer]
         self.ops.reshape_and_cache(k, v, kc, vc, m.slot_mapping)

@@ -38,6 +38,7 @@ import math
 import torch
 
 from kvlab.attention import backend_module
+from kvlab.cache.paged import step_metadata
 from kvlab.quant import bytes_per_block_per_head, fp8, int4, int8
 from kvlab.quant.common import check_kv_cache_dtype
 from kvlab.quant.residual import Int4Residual, sealed_blocks
@@ -211,11 +212,7 @@ class QuantizedPagedKVCache:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [1, N, Hq, D], k and v [1, N, Hkv, D] (packed batch) -> [1, N, Hq, D]."""
-        m = self.metadata
-        if m is None:
-            raise RuntimeError("QuantizedPagedKVCache.attend called before set_metadata()")
-        if q.shape[0] != 1:
-            raise ValueError(f"the paged cache runs packed batches (B = 1), got B = {q.shape[0]}")
+        m = step_metadata(self, q)
         attend = self._attend_fused if self.fused else self._attend_reference
         out = attend(layer, q[0], k[0], v[0], m)
         if self.kv_cache_dtype == "int4" and layer == self.num_layers - 1:
