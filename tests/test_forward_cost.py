@@ -1,4 +1,4 @@
-"""FLOP and byte counts of a forward pass against hand counts and against brute-force sums."""
+"""forward_cost: bytes and roofline floors against hand counts; its FLOPs are exactly kvlab.flops' count."""
 import math
 
 import pytest
