@@ -9,6 +9,7 @@ from kvlab.cluster.routing import ROUTERS, choose_replica, decode_seconds_per_to
 from kvlab.cluster.sessions import ChatWorkload, make_chat_trace
 from kvlab.memory import MODELS
 from kvlab.roofline import GPUS
+from kvlab.traces import LogNormalLengths
 
 H100, CFG = GPUS["H100 SXM"], MODELS["llama-3.1-8b"]
 TRACE = make_chat_trace(ChatWorkload(num_sessions=60, session_rate=20.0, think_time=2.0, mean_turns=3.0,
@@ -65,6 +66,20 @@ def test_every_request_routed_exactly_once(policy, replicas):
     if policy == "round_robin":
         assert r.requests_per_replica() == [len(TRACE) // replicas + (i < len(TRACE) % replicas)
                                             for i in range(replicas)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 12), st.floats(0.5, 50.0), st.integers(1, 5), st.sampled_from(ROUTERS), st.integers(0, 10**6),
+       st.integers(4, 400))
+def test_random_traces_route_every_request_once(sessions, rate, replicas, policy, seed, budget):
+    w = ChatWorkload(num_sessions=sessions, session_rate=rate, think_time=1.0, mean_turns=2.0, num_system_prompts=2,
+                     system_len=LogNormalLengths(40.0, 0.5, 16, 128), max_context=1024)
+    trace = make_chat_trace(w, seed=seed)
+    r = route_trace(trace, replicas, policy, CFG, H100, budget_blocks=budget, decode_seconds_per_token=1e-4)
+    assert len(r.replica) == len(trace) == sum(r.requests_per_replica())
+    assert all(0 <= k < replicas for k in r.replica)
+    assert sum(r.prompt_tokens) == sum(q.prompt_len for q in trace)
+    assert all(0 <= w <= t for w, t in zip(r.wait, r.ttft))
 
 
 def test_one_replica_every_policy_is_the_same():

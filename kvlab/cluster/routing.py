@@ -4,8 +4,9 @@ One GPU's prefix cache (chapter 08) helps only the requests that reach it. With 
 a router, where a request goes decides whether its system prompt and its conversation's history
 are found: round-robin spreads a session's turns over all replicas, so each replica caches every
 prefix and finds only a fraction; sending a request where its longest prefix is cached finds the
-most, but can pile popular prefixes onto one replica. SGLang's router and NVIDIA Dynamo route by
-cached prefix with a load check (Zheng et al., 2024, "SGLang"); Mooncake's scheduler weighs
+most, but can pile popular prefixes onto one replica. Open-source routers (SGLang's router, NVIDIA
+Dynamo's KV router) route by cached prefix with a load check, the multi-replica form of the
+prefix-first scheduling of one engine in Zheng et al., 2024, "SGLang"; Mooncake's scheduler weighs
 prefix reuse against queueing (Qin et al., 2024, "Mooncake"); Preble (Srivatsa et al., 2024,
 "Preble: Efficient Distributed Prompt Scheduling for LLM Serving") studies the trade-off.
 
