@@ -29,7 +29,6 @@ import os
 import random
 import sys
 import time
-import warnings
 
 import torch
 
@@ -41,17 +40,9 @@ TEXT = ("The history of computing is a story of layers. Each generation of engin
 
 
 def load_hf():
-    from transformers import LlamaForCausalLM
-    from transformers.utils import logging
+    from kvlab.model.load import load_hf_reference
 
-    import kvlab
-
-    logging.set_verbosity_error()
-    path = kvlab.default_model_path()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return LlamaForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                dtype=torch.float32).eval()
+    return load_hf_reference()
 
 
 def make_workload(tok, n, prompt_range, output_range, seed):

@@ -59,3 +59,28 @@ def tiny_model(tiny_config):
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.2) if p.dim() > 1 else torch.nn.init.ones_(p)
     return model
+
+
+@pytest.fixture(scope="session")
+def model64(tiny_model):
+    """tiny_model in float64: greedy ties cannot flip, so engine outputs must equal the reference."""
+    import copy
+
+    return copy.deepcopy(tiny_model).double()
+
+
+@pytest.fixture(scope="session")
+def reference(model64):
+    """reference(prompt, n): n greedy tokens of kvlab.generate on model64 (the contiguous-cache
+    reference the engine is checked against). Greedy decoding is prefix-consistent, so one longest
+    run per prompt answers every shorter request."""
+    import kvlab
+
+    runs: dict[tuple, list[int]] = {}
+
+    def ref(prompt, n: int) -> list[int]:
+        key = tuple(prompt)
+        if len(runs.get(key, ())) < n:
+            runs[key] = kvlab.generate(model64, list(prompt), n)
+        return runs[key][:n]
+    return ref

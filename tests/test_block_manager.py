@@ -2,27 +2,14 @@
 machine that runs random allocate / append / deallocate workloads and checks after every step
 that reference counts match the block tables, no block is free and held at once, and that
 everything is free at the end."""
-from dataclasses import dataclass, field
 
 import pytest
+from _engine_helpers import FakeSeq
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from kvlab.engine.block_manager import BlockManager
-
-
-@dataclass
-class FakeSeq:
-    """The smallest object the block manager accepts (the real one is kvlab.engine.sequence)."""
-    seq_id: int
-    token_ids: list
-    block_table: list = field(default_factory=list)
-    num_cached_tokens: int = 0
-    cache_salt: str | None = None
-
-    def __len__(self):
-        return len(self.token_ids)
 
 
 def check_consistent(bm: BlockManager, seqs):

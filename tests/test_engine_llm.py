@@ -3,27 +3,12 @@
 The reference is `kvlab.generate` with the contiguous cache, one prompt at a time: the paged
 engine must produce the same greedy tokens whatever the batch, block size or preemptions.
 """
-import copy
-import functools
 
 import pytest
 import torch
 
 import kvlab
 from kvlab import LLM, SamplingParams
-
-
-@pytest.fixture(scope="module")
-def model64(tiny_model):
-    return copy.deepcopy(tiny_model).double()
-
-
-@pytest.fixture(scope="module")
-def reference(model64):
-    @functools.cache
-    def ref(prompt: tuple, n: int):
-        return kvlab.generate(model64, list(prompt), n)
-    return lambda prompt, n: ref(tuple(prompt), n)
 
 
 def _prompts(lengths, seed=0, vocab=256):

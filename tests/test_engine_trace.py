@@ -4,7 +4,6 @@ Checked on the tiny model in float64 against the same engine run untraced: ident
 record's slots follow from its block tables; free-block counts, queue lengths and preemptions match
 the engine's own state; prefix-cache hits show up as a later start and shared leading blocks.
 """
-import copy
 
 import pytest
 import torch
@@ -14,11 +13,6 @@ from kvlab.engine.model_runner import ModelRunner
 from kvlab.engine.trace import EngineTracer, TracingRunner
 
 GREEDY = dict(temperature=0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def model64(tiny_model):
-    return copy.deepcopy(tiny_model).double()
 
 
 def _prompts(lengths, seed=0, vocab=256):

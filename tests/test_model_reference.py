@@ -1,6 +1,4 @@
 """The reference check: kvlab's Llama equals Hugging Face's LlamaForCausalLM on the same GGUF file."""
-import os
-import warnings
 
 import pytest
 import torch
@@ -11,17 +9,9 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ",
 
 @pytest.fixture(scope="module")
 def hf_model():
-    from transformers import LlamaForCausalLM
-    from transformers.utils import logging
+    from kvlab.model.load import load_hf_reference
 
-    import kvlab
-
-    logging.set_verbosity_error()
-    path = kvlab.default_model_path()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return LlamaForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                dtype=torch.float32).eval()
+    return load_hf_reference()
 
 
 @pytest.mark.slow

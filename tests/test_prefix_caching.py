@@ -4,9 +4,9 @@ engine's call order against a shadow KV memory (which prefix's K/V each slot rea
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
 
 import pytest
+from _engine_helpers import FakeSeq
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -14,18 +14,6 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 import kvlab.engine.block_manager as bm_module
 from kvlab.engine.block_manager import BlockManager
 from kvlab.engine.prefix_hash import ROOT, block_hashes, hash_block
-
-
-@dataclass
-class FakeSeq:
-    seq_id: int
-    token_ids: list
-    cache_salt: str | None = None
-    block_table: list = field(default_factory=list)
-    num_cached_tokens: int = 0
-
-    def __len__(self):
-        return len(self.token_ids)
 
 
 def check_consistent(bm: BlockManager, seqs):

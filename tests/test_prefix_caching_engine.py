@@ -6,29 +6,13 @@ blocks, and in later batches), a multi-turn chat, partial-block prefixes, evicti
 pressure with preemption, cache_salt, and one run on the real model. Tokens computed are counted
 where the model sees them: the width of every packed forward pass.
 """
-import copy
-import functools
 
 import pytest
 import torch
 
-import kvlab
 from kvlab import LLM, SamplingParams
 
 GREEDY = dict(temperature=0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def model64(tiny_model):
-    return copy.deepcopy(tiny_model).double()   # float64: greedy ties cannot flip
-
-
-@pytest.fixture(scope="module")
-def reference(model64):
-    @functools.cache
-    def ref(prompt: tuple, n: int):
-        return kvlab.generate(model64, list(prompt), n)
-    return lambda prompt, n: ref(tuple(prompt), n)
 
 
 def _tokens(n, seed):

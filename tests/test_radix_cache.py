@@ -2,10 +2,10 @@
 hypothesis state machine against a shadow KV memory; and the engine run on it at block_size=1."""
 import copy
 import functools
-from dataclasses import dataclass, field
 
 import pytest
 import torch
+from _engine_helpers import FakeSeq
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -13,18 +13,6 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 import kvlab
 from kvlab import LLM, SamplingParams
 from kvlab.engine.radix_cache import RadixCache
-
-
-@dataclass
-class FakeSeq:
-    seq_id: int
-    token_ids: list
-    cache_salt: str | None = None
-    block_table: list = field(default_factory=list)
-    num_cached_tokens: int = 0
-
-    def __len__(self):
-        return len(self.token_ids)
 
 
 def paths(rc: RadixCache):

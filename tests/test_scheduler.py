@@ -2,14 +2,11 @@
 through the whole engine: arrivals at random steps, random prompt and output lengths, block sizes,
 pools so small they force preemption, aborts and rejected requests. Every run must end with every
 block free, every refcount zero, and each finished request's tokens equal to the reference."""
-import copy
-import functools
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import kvlab
 from kvlab import LLM, SamplingParams
 from kvlab.engine.block_manager import BlockManager
 from kvlab.engine.scheduler import Scheduler
@@ -75,19 +72,6 @@ def test_policy_must_return_a_reordering():
 
 # ---- random workloads through the engine ----------------------------------------------------
 MAX_TOKENS, MAX_MODEL_LEN = 10, 64
-
-
-@pytest.fixture(scope="module")
-def model64(tiny_model):
-    return copy.deepcopy(tiny_model).double()
-
-
-@pytest.fixture(scope="module")
-def reference(model64):
-    @functools.cache
-    def ref(prompt: tuple):
-        return kvlab.generate(model64, list(prompt), MAX_TOKENS)
-    return lambda prompt, n: ref(tuple(prompt))[:n]   # greedy: a shorter run is a prefix
 
 
 @st.composite

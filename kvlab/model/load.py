@@ -88,3 +88,22 @@ def load_model(path: str | None = None, device: str | torch.device = "cpu",
     else:
         raise FileNotFoundError(f"model path not found: {path} (expected a .gguf file or a Hugging Face folder)")
     return model, (load_tokenizer(path) if tokenizer else None)
+
+
+def load_hf_reference(path: str | None = None, dtype: torch.dtype = torch.float32):
+    """Hugging Face's `LlamaForCausalLM` read from the same GGUF file: the independent implementation
+    kvlab's model is checked against (tests/test_model_reference.py) and benchmarked against
+    (benchmarks/engine_cpu.py). Needs `transformers` (and its GGUF reader, which uses `gguf`)."""
+    import warnings
+
+    from transformers import LlamaForCausalLM
+    from transformers.utils import logging
+
+    path = default_model_path() if path is None else os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"load_hf_reference: path={path!r} is not a .gguf file")
+    logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return LlamaForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                dtype=dtype).eval()
