@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
-from _engine_helpers import FakeSeq
+from _engine_helpers import CallOrderMachine, FakeSeq
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import initialize, invariant
 
 import kvlab.engine.block_manager as bm_module
 from kvlab.engine.block_manager import BlockManager
@@ -180,81 +180,20 @@ def test_reset_prefix_cache():
 
 
 # ---- random workloads -----------------------------------------------------------------------
-SYSTEM_PROMPTS = [[], [5, 6, 7, 8, 9], [5, 6, 7, 8, 1, 2, 3, 4, 5, 6, 7], list(range(20, 40))]
-
-
-class PrefixCacheMachine(RuleBasedStateMachine):
-    """The engine's order of calls against a shadow memory. `memory[slot]` is (salt, prefix) of
-    the token whose K/V were last written there; the K/V of position p depend on tokens[:p+1].
-    Every prefix-cache hit must find exactly the right K/V in memory."""
+class PrefixCacheMachine(CallOrderMachine):
+    """The block manager under the engine's call order (see CallOrderMachine)."""
 
     @initialize(num_blocks=st.integers(1, 16), block_size=st.sampled_from([1, 2, 4]))
     def setup(self, num_blocks, block_size):
-        self.bm = BlockManager(num_blocks, block_size)
         self.bs = block_size
-        self.running: list[FakeSeq] = []
-        self.waiting: list[FakeSeq] = []              # preempted, re-admitted first
-        self.memory: dict[int, tuple] = {}
-        self.next_id = 0
+        self.start(BlockManager(num_blocks, block_size))
+        self.bm = self.cache
 
     def slot(self, s, p):
         return s.block_table[p // self.bs] * self.bs + p % self.bs
 
-    def compute(self, s, start, stop):
-        for p in range(start, stop):
-            self.memory[self.slot(s, p)] = (s.cache_salt, tuple(s.token_ids[:p + 1]))
-
-    def admit(self, s):
-        if not self.bm.can_allocate(s):
-            return False
-        self.bm.allocate(s)
-        assert 0 <= s.num_cached_tokens < len(s) and s.num_cached_tokens % self.bs == 0
-        for p in range(s.num_cached_tokens):          # the hit really holds this prefix's K/V
-            assert self.memory.get(self.slot(s, p)) == (s.cache_salt, tuple(s.token_ids[:p + 1]))
-        self.compute(s, s.num_cached_tokens, len(s))  # the prefill
-        s.token_ids.append(len(s) % 3)                # the first sampled token (not yet computed)
-        self.running.append(s)
-        return True
-
-    @rule(system=st.sampled_from(range(len(SYSTEM_PROMPTS))),
-          suffix=st.lists(st.integers(0, 2), min_size=1, max_size=8),
-          salt=st.sampled_from([None, None, "t1"]))
-    def new_request(self, system, suffix, salt):
-        s = FakeSeq(self.next_id, SYSTEM_PROMPTS[system] + suffix, cache_salt=salt)
-        self.next_id += 1
-        self.admit(s)                                 # not admitted = rejected, nothing held
-
-    @precondition(lambda self: self.waiting)
-    @rule()
-    def readmit_preempted(self):
-        if self.admit(self.waiting[0]):
-            self.waiting.pop(0)
-
-    @precondition(lambda self: self.running)
-    @rule(i=st.integers(0, 100), token=st.integers(0, 2))
-    def decode(self, i, token):
-        s = self.running[i % len(self.running)]
-        while not self.bm.can_append(s):              # preempt the newest sequence, maybe s itself
-            victim = self.running.pop()
-            self.bm.deallocate(victim)
-            self.waiting.insert(0, victim)
-            if victim is s:
-                return
-        self.bm.may_append(s)
-        self.compute(s, len(s) - 1, len(s))           # the decode step writes the newest token
-        s.token_ids.append(token)
-
-    @precondition(lambda self: self.running)
-    @rule(i=st.integers(0, 100))
-    def finish_or_abort(self, i):
-        s = self.running.pop(i % len(self.running))
-        self.bm.deallocate(s)
-        assert s.block_table == []
-
-    @precondition(lambda self: self.waiting)
-    @rule()
-    def abort_waiting(self):
-        self.waiting.pop()
+    def check_admitted(self, s):
+        assert s.num_cached_tokens % self.bs == 0     # hits are whole blocks
 
     @invariant()
     def consistent(self):

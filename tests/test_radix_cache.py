@@ -5,10 +5,10 @@ import functools
 
 import pytest
 import torch
-from _engine_helpers import FakeSeq
+from _engine_helpers import CallOrderMachine, FakeSeq
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import initialize, invariant
 
 import kvlab
 from kvlab import LLM, SamplingParams
@@ -121,67 +121,19 @@ def test_cache_salt_and_caching_off():
         RadixCache(0)
 
 
-SYSTEM_PROMPTS = [[], [5, 6, 7, 8, 9], [5, 6, 7, 8, 1, 2, 3, 4, 5, 6, 7]]
-
-
-class RadixMachine(RuleBasedStateMachine):
-    """The engine's call order against a shadow memory (see test_prefix_caching.py)."""
+class RadixMachine(CallOrderMachine):
+    """The radix cache under the engine's call order (see CallOrderMachine): one slot per token."""
 
     @initialize(num_slots=st.integers(4, 40))
     def setup(self, num_slots):
-        self.rc = RadixCache(num_slots)
-        self.running, self.waiting, self.memory, self.next_id = [], [], {}, 0
+        self.start(RadixCache(num_slots))
+        self.rc = self.cache
 
-    def compute(self, s, start, stop):
-        for p in range(start, stop):
-            self.memory[s.block_table[p]] = (s.cache_salt, tuple(s.token_ids[:p + 1]))
+    def slot(self, s, p):
+        return s.block_table[p]
 
-    def admit(self, s):
-        if not self.rc.can_allocate(s):
-            return False
-        self.rc.allocate(s)
-        assert 0 <= s.num_cached_tokens < len(s) == len(s.block_table)
-        for p in range(s.num_cached_tokens):
-            assert self.memory[s.block_table[p]] == (s.cache_salt, tuple(s.token_ids[:p + 1]))
-        self.compute(s, s.num_cached_tokens, len(s))
-        s.token_ids.append(len(s) % 3)
-        self.running.append(s)
-        return True
-
-    @rule(system=st.sampled_from(range(len(SYSTEM_PROMPTS))),
-          suffix=st.lists(st.integers(0, 2), min_size=1, max_size=8),
-          salt=st.sampled_from([None, None, "t1"]))
-    def new_request(self, system, suffix, salt):
-        s = FakeSeq(self.next_id, SYSTEM_PROMPTS[system] + suffix, cache_salt=salt)
-        self.next_id += 1
-        self.admit(s)
-
-    @precondition(lambda self: self.waiting)
-    @rule()
-    def readmit_preempted(self):
-        if self.admit(self.waiting[0]):
-            self.waiting.pop(0)
-
-    @precondition(lambda self: self.running)
-    @rule(i=st.integers(0, 100), token=st.integers(0, 2))
-    def decode(self, i, token):
-        s = self.running[i % len(self.running)]
-        while not self.rc.can_append(s):
-            victim = self.running.pop()
-            self.rc.deallocate(victim)
-            self.waiting.insert(0, victim)
-            if victim is s:
-                return
-        self.rc.may_append(s)
-        self.compute(s, len(s) - 1, len(s))
-        s.token_ids.append(token)
-
-    @precondition(lambda self: self.running)
-    @rule(i=st.integers(0, 100))
-    def finish_or_abort(self, i):
-        s = self.running.pop(i % len(self.running))
-        self.rc.deallocate(s)
-        assert s.block_table == []
+    def check_admitted(self, s):
+        assert len(s) == len(s.block_table)
 
     @invariant()
     def consistent(self):
