@@ -43,6 +43,7 @@ import triton.language as tl
 
 from kvlab.kernels._checks import FLOAT_DTYPES, check_head_dim, check_tensor, next_pow2
 from kvlab.kernels.reshape_and_cache import _rint
+from kvlab.quant.residual import sealed_blocks  # noqa: F401  (the blocks a write seals; re-exported)
 
 VALUE_GROUP = 32                       # as kvlab.quant.int4.VALUE_GROUP; codes 0..15
 
@@ -224,10 +225,3 @@ def reshape_and_cache_int4(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scal
     _seal_kernel[(N, H)](k_res, v_res, res_slot, slot_mapping, k_cache, v_cache, k_scale, k_zero,
                          v_scale, v_zero, H, BLOCK_SIZE=BS, D=D, BLOCK_T=next_pow2(BS),
                          VG=value_group(D))
-
-
-def sealed_blocks(slot_mapping: torch.Tensor, block_size: int) -> torch.Tensor:
-    """The block ids `reshape_and_cache_int4` quantized for this slot mapping: those whose last
-    slot it wrote. After the step's attention, set res_slot[them] = -1 and free their rows."""
-    s = slot_mapping[slot_mapping >= 0]
-    return s[s % block_size == block_size - 1] // block_size

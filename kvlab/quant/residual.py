@@ -34,7 +34,7 @@ import torch
 
 def sealed_blocks(slot_mapping: torch.Tensor, block_size: int) -> torch.Tensor:
     """Block ids whose last slot `slot_mapping` writes (slots < 0 are padding): the blocks a step
-    quantizes. Same rule as kvlab.kernels.reshape_and_cache_int4.sealed_blocks."""
+    quantizes, on either backend (the int4 write kernel re-exports this function)."""
     s = slot_mapping[slot_mapping >= 0]
     return s[s % block_size == block_size - 1] // block_size
 
