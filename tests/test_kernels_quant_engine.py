@@ -65,7 +65,11 @@ def test_steps_store_same_bytes(fmt):
     reused) and a freed sealed one (7), and 2 decode steps: after every step the torch and triton
     caches hold the same bytes, and the layer outputs agree to 1e-5."""
     L, NB, bs, Hkv, group, D = 2, 10, 4, 2, 3, 32
-    kw = dict(fp8_scales=([torch.tensor(0.02), torch.tensor([0.01, 0.03])],) * 2) if fmt == "fp8" else {}
+    kw = {}
+    if fmt == "fp8":  # a per-tensor and a per-head layer, and smoothed keys (stored minus a shift)
+        shift = [torch.randn(Hkv, D, generator=torch.Generator().manual_seed(layer)) for layer in range(L)]
+        kw["fp8_calibration"] = fp8.Fp8Calibration([torch.tensor(0.02), torch.tensor([0.01, 0.03])],
+                                                   [torch.tensor(0.02), torch.tensor([0.01, 0.03])], shift)
     ref, fused = caches(fmt, L, NB, bs, Hkv, D, **kw)
     g = torch.Generator().manual_seed(0)
     t1 = torch.tensor([[3, 7, 1, -1], [5, 0, 9, -1]], dtype=torch.int32, device=DEVICE)
@@ -165,13 +169,23 @@ def test_fused_path_never_quantizes_in_pytorch(tiny_model, fmt, monkeypatch):
         ref.generate(prompts, params, use_tqdm=False)
 
 
-def test_bad_fp8_scales():
+def test_bad_fp8_calibration():
+    ones = [torch.tensor(1.0)]
     with pytest.raises(ValueError, match="one scale per layer"):
-        QuantizedPagedKVCache(2, 4, 4, 2, 16, kv_cache_dtype="fp8", fp8_scales=([1.0], [1.0]))
+        QuantizedPagedKVCache(2, 4, 4, 2, 16, kv_cache_dtype="fp8",
+                              fp8_calibration=fp8.Fp8Calibration(ones, ones))
     with pytest.raises(ValueError, match=r"shape \[\] or \[2\]"):
         QuantizedPagedKVCache(1, 4, 4, 2, 16, kv_cache_dtype="fp8",
-                              fp8_scales=([torch.ones(3)], [torch.tensor(1.0)]))
+                              fp8_calibration=fp8.Fp8Calibration([torch.ones(3)], ones))
     with pytest.raises(ValueError, match="positive"):
-        QuantizedPagedKVCache(1, 4, 4, 2, 16, kv_cache_dtype="fp8", fp8_scales=([0.0], [1.0]))
+        QuantizedPagedKVCache(1, 4, 4, 2, 16, kv_cache_dtype="fp8",
+                              fp8_calibration=fp8.Fp8Calibration([0.0], ones))
+    with pytest.raises(ValueError, match=r"k_shift must be finite, of shape \[2, 16\]"):
+        QuantizedPagedKVCache(1, 4, 4, 2, 16, kv_cache_dtype="fp8",
+                              fp8_calibration=fp8.Fp8Calibration(ones, ones, [torch.zeros(2, 8)]))
+    with pytest.raises(ValueError, match="k_shift needs one"):
+        QuantizedPagedKVCache(1, 4, 4, 2, 16, kv_cache_dtype="fp8",
+                              fp8_calibration=fp8.Fp8Calibration(ones, ones, []))
     with pytest.raises(ValueError, match="only for kv_cache_dtype='fp8'"):
-        QuantizedPagedKVCache(1, 4, 4, 2, 16, kv_cache_dtype="int8", fp8_scales=([1.0], [1.0]))
+        QuantizedPagedKVCache(1, 4, 4, 2, 16, kv_cache_dtype="int8",
+                              fp8_calibration=fp8.Fp8Calibration(ones, ones))

@@ -28,8 +28,12 @@ from kvlab.engine.outputs import CompletionOutput, RequestOutput
 from kvlab.engine.sampling import SamplingParams, sample
 from kvlab.engine.scheduler import Scheduler
 from kvlab.engine.sequence import Sequence
+from kvlab.quant.common import check_kv_cache_dtype
 
-KV_CACHE_DTYPES = ("auto", "int8", "fp8", "int4")
+#: The default block size per cache format: int4 quantizes a block's keys per channel over its
+#: tokens, so its float16 scale and zero per channel cost 4D bytes per block; blocks of 32 halve
+#: that per token (3.2x bfloat16's capacity instead of 2.9x, benchmarks/kv_quant_accuracy.py).
+DEFAULT_BLOCK_SIZE = {"auto": 16, "int8": 16, "fp8": 16, "int4": 32}
 DEFAULT_KV_CACHE_BYTES = 512 * 2**20   # when neither num_kv_blocks nor kv_cache_memory_bytes is given
 
 
@@ -49,16 +53,17 @@ def _resolve_model(model, dtype, device):
 
 
 class LLM:
-    def __init__(self, model=None, block_size: int = 16, num_kv_blocks: int | None = None,
+    def __init__(self, model=None, block_size: int | None = None, num_kv_blocks: int | None = None,
                  kv_cache_memory_bytes: int | None = None, max_model_len: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  attention_backend: str = "torch", kv_cache_dtype: str = "auto",
                  enable_prefix_caching: bool = True, dtype: torch.dtype = torch.float32,
-                 device="cpu", scheduling_policy=None):
+                 device="cpu", scheduling_policy=None, fp8_calibration=None):
+        check_kv_cache_dtype(kv_cache_dtype)
+        if block_size is None:
+            block_size = DEFAULT_BLOCK_SIZE[kv_cache_dtype]
         if not isinstance(block_size, int) or block_size <= 0 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two (1, 2, 4, ..., 128), got {block_size}")
-        if kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
         # a model passed in keeps its own dtype and device; dtype and device apply when loading
         self.model, self.tokenizer = _resolve_model(model, dtype, device)
         self.model.eval()
@@ -80,6 +85,8 @@ class LLM:
         else:
             from kvlab.quant.paged import QuantizedPagedKVCache
             cache_cls, extra = QuantizedPagedKVCache, {"kv_cache_dtype": kv_cache_dtype}
+        if fp8_calibration is not None and kv_cache_dtype != "fp8":
+            raise ValueError(f"fp8_calibration is only for kv_cache_dtype='fp8', not {kv_cache_dtype!r}")
         shape = dict(num_layers=cfg.num_layers, block_size=block_size,
                      num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
         self.bytes_per_block = cache_cls.bytes_per_block(**shape, dtype=self.model.dtype, **extra)
@@ -95,6 +102,8 @@ class LLM:
         if num_kv_blocks <= 0:
             raise ValueError(f"num_kv_blocks must be positive, got {num_kv_blocks}")
         self.num_kv_blocks = num_kv_blocks
+        if fp8_calibration is not None:
+            extra["fp8_calibration"] = fp8_calibration
         self.cache = cache_cls(num_blocks=num_kv_blocks, **shape, dtype=self.model.dtype,
                                device=self.model.device, attention_backend=attention_backend, **extra)
         self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)

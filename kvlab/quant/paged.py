@@ -9,7 +9,7 @@ kernels of kvlab/kernels/ read:
 | kv_cache_dtype | codes (K and V each) | scales |
 |---|---|---|
 | int8 | int8 `[NB, BS, Hkv, D]` | float16 `[NB, BS, Hkv]` |
-| fp8  | float8_e4m3fn `[NB, BS, Hkv, D]` | float32 per layer, `[]` or `[Hkv]` (`fp8_scales`, default 1.0) |
+| fp8  | float8_e4m3fn `[NB, BS, Hkv, D]` | float32 per layer, `[]` or `[Hkv]`, and an optional key shift `[Hkv, D]` (`fp8_calibration`; default scale 1.0, no shift) |
 | int4 | uint8 `[NB, BS, Hkv, D/2]` | keys float16 scale, zero `[NB, Hkv, D]`; values `[NB, BS, Hkv, D/32]` |
 
 int4 also keeps its residual window, the blocks not yet quantized, in full precision in a pool of
@@ -47,15 +47,17 @@ from kvlab.quant.residual import Int4Residual, sealed_blocks
 class QuantizedPagedKVCache:
     """QuantizedPagedKVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim,
     dtype=torch.float32, device="cpu", attention_backend="torch", kv_cache_dtype="int8",
-    fp8_scales=None)
+    fp8_calibration=None)
 
     `dtype` is the model's: what reads return and what int4's residual window is kept in.
-    `fp8_scales`: optional (k_scales, v_scales), one positive `[]` or `[Hkv]` tensor per layer.
+    `fp8_calibration`: an optional `kvlab.quant.fp8.Fp8Calibration` (scales per layer, and key
+    shifts: keys are stored minus their shift, and attention reads them as stored, since a shift
+    common to all keys does not change softmax; the PyTorch reference adds it back on read).
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype = torch.float32, device="cpu",
-                 attention_backend: str = "torch", kv_cache_dtype: str = "int8", fp8_scales=None):
+                 attention_backend: str = "torch", kv_cache_dtype: str = "int8", fp8_calibration=None):
         check_kv_cache_dtype(kv_cache_dtype)
         if kv_cache_dtype == "auto":
             raise ValueError("kv_cache_dtype='auto' is the full-precision kvlab.cache.paged.PagedKVCache")
@@ -66,8 +68,8 @@ class QuantizedPagedKVCache:
                 raise ValueError(f"QuantizedPagedKVCache: {name} must be positive, got {value}")
         if kv_cache_dtype == "int4":
             int4.value_group(head_dim)  # raises for a head_dim int4 cannot group
-        if fp8_scales is not None and kv_cache_dtype != "fp8":
-            raise ValueError(f"fp8_scales is only for kv_cache_dtype='fp8', not {kv_cache_dtype!r}")
+        if fp8_calibration is not None and kv_cache_dtype != "fp8":
+            raise ValueError(f"fp8_calibration is only for kv_cache_dtype='fp8', not {kv_cache_dtype!r}")
         self.kv_cache_dtype = kv_cache_dtype
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
@@ -88,9 +90,10 @@ class QuantizedPagedKVCache:
             self.k_scale, self.v_scale = (zeros(NB, BS, H, dt=f16) for _ in "kv")
         elif kv_cache_dtype == "fp8":
             self.k_cache, self.v_cache = (zeros(NB, BS, H, D, dt=fp8.FP8) for _ in "kv")
-            ks, vs = fp8_scales if fp8_scales is not None else ([1.0] * num_layers, [1.0] * num_layers)
-            self.k_scale, self.v_scale = (self._fp8_scales(name, s) for name, s in
-                                          (("k_scales", ks), ("v_scales", vs)))
+            cal = fp8_calibration or fp8.Fp8Calibration([1.0] * num_layers, [1.0] * num_layers)
+            cal = cal.check(num_layers, num_kv_heads, head_dim)
+            self.k_scale, self.v_scale = ([x.to(dev) for x in xs] for xs in (cal.k_scales, cal.v_scales))
+            self.k_shift = None if cal.k_shift is None else [x.to(dev) for x in cal.k_shift]
         else:  # int4
             G = D // int4.value_group(D)
             self.k_cache, self.v_cache = (zeros(NB, BS, H, D // 2, dt=torch.uint8) for _ in "kv")
@@ -98,16 +101,14 @@ class QuantizedPagedKVCache:
             self.v_scale, self.v_zero = (zeros(NB, BS, H, G, dt=f16) for _ in "sz")
             self.residual = Int4Residual.create(num_layers, NB, BS, H, D, dtype, dev)
 
-    def _fp8_scales(self, name: str, scales) -> list[torch.Tensor]:
-        if len(scales) != self.num_layers:
-            raise ValueError(f"fp8_scales: {name} needs one scale per layer ({self.num_layers}), "
-                             f"got {len(scales)}")
-        out = [torch.as_tensor(s, dtype=torch.float32, device=self.device).contiguous() for s in scales]
-        for s in out:
-            if tuple(s.shape) not in ((), (self.num_kv_heads,)) or not bool((s > 0).all()):
-                raise ValueError(f"fp8_scales: each of {name} must be positive, of shape [] or "
-                                 f"[{self.num_kv_heads}] (per KV head), got {s.tolist()}")
-        return out
+    def _k_shift(self, layer: int):
+        """fp8 key smoothing: the shift [Hkv, D] of `layer`, or None."""
+        return self.k_shift[layer] if self.kv_cache_dtype == "fp8" and self.k_shift is not None else None
+
+    def _smooth(self, layer: int, k: torch.Tensor) -> torch.Tensor:
+        """Keys minus the layer's shift, in float32 then back to k's dtype (the same on both paths)."""
+        shift = self._k_shift(layer)
+        return k if shift is None else (k.float() - shift).to(k.dtype)
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -146,7 +147,8 @@ class QuantizedPagedKVCache:
                 codes[layer].view(NB * BS, H, D).index_copy_(0, slots, q)
                 scales[layer].view(NB * BS, H).index_copy_(0, slots, s)
         elif self.kv_cache_dtype == "fp8":
-            for x, codes, scale in ((k, self.k_cache, self.k_scale), (v, self.v_cache, self.v_scale)):
+            for x, codes, scale in ((self._smooth(layer, k), self.k_cache, self.k_scale),
+                                    (v, self.v_cache, self.v_scale)):
                 q = fp8.quantize_fp8(x, scale[layer]).view(torch.uint8)  # CPU index_copy_ lacks fp8
                 codes[layer].view(torch.uint8).view(NB * BS, H, D).index_copy_(0, slots, q)
         else:  # int4: rows into the residual pool, then seal the blocks this write filled
@@ -173,7 +175,8 @@ class QuantizedPagedKVCache:
             return (int8.dequantize_int8(self.k_cache[layer][b], self.k_scale[layer][b], dt),
                     int8.dequantize_int8(self.v_cache[layer][b], self.v_scale[layer][b], dt))
         if self.kv_cache_dtype == "fp8":
-            return (fp8.dequantize_fp8(self.k_cache[layer][b], self.k_scale[layer], dt),
+            return (fp8.dequantize_fp8(self.k_cache[layer][b], self.k_scale[layer], dt,
+                                       self._k_shift(layer)),
                     fp8.dequantize_fp8(self.v_cache[layer][b], self.v_scale[layer], dt))
         k = int4.dequantize_keys(self.k_cache[layer][b], self.k_scale[layer][b], self.k_zero[layer][b], dt)
         v = int4.dequantize_values(self.v_cache[layer][b], self.v_scale[layer][b], self.v_zero[layer][b], dt)
@@ -203,6 +206,7 @@ class QuantizedPagedKVCache:
         # int4: set_metadata gave every written block a row, so the write's host-side check of
         # the slots (a device sync per layer) is not needed
         unchecked = dict(check_slots=False) if self.kv_cache_dtype == "int4" else {}
+        k = self._smooth(layer, k)  # fp8 key smoothing: stored minus the shift, read as stored
         self.ops.reshape_and_cache(k, v, kc, vc, m.slot_mapping, **a, **unchecked)
         if m.is_decode:
             return self.ops.paged_decode_attention(q, kc, vc, m.block_tables, m.context_lens,

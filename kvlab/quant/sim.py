@@ -27,15 +27,16 @@ from kvlab.quant import fp8, int4, int8
 from kvlab.quant.common import check_kv_cache_dtype
 
 
-def roundtrip(x: torch.Tensor, kv_cache_dtype: str, scale: torch.Tensor | float = 1.0
-              ) -> torch.Tensor:
-    """Quantize then dequantize per-token formats: x [..., Hkv, D] ("auto", "int8", "fp8")."""
+def roundtrip(x: torch.Tensor, kv_cache_dtype: str, scale: torch.Tensor | float = 1.0,
+              shift: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize then dequantize per-token formats: x [..., Hkv, D] ("auto", "int8", "fp8";
+    fp8 with its scale and optional shift)."""
     if kv_cache_dtype == "auto":
         return x
     if kv_cache_dtype == "int8":
         return int8.dequantize_int8(*int8.quantize_int8(x), dtype=x.dtype)
     if kv_cache_dtype == "fp8":
-        return fp8.dequantize_fp8(fp8.quantize_fp8(x, scale), scale, dtype=x.dtype)
+        return fp8.dequantize_fp8(fp8.quantize_fp8(x, scale, shift), scale, x.dtype, shift)
     raise ValueError(f"roundtrip handles 'auto', 'int8', 'fp8' (int4 quantizes groups), "
                      f"got {kv_cache_dtype!r}")
 
@@ -43,12 +44,12 @@ def roundtrip(x: torch.Tensor, kv_cache_dtype: str, scale: torch.Tensor | float 
 class FakeQuantKVCache:
     """Contiguous `[B, max_len, Hkv, D]` per layer of dequantized keys and values; all rows equally long.
 
-    fp8 scales: `k_scales`, `v_scales` are per-layer lists of `[]` or `[Hkv]` tensors (None = 1.0).
+    fp8: `fp8_calibration`, a `kvlab.quant.fp8.Fp8Calibration` (None = scale 1.0, no key shift).
     int4: `group_size` tokens per key group (the paged cache's block size).
     """
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
-                 kv_cache_dtype: str = "auto", group_size: int = 16, k_scales=None, v_scales=None,
+                 kv_cache_dtype: str = "auto", group_size: int = 16, fp8_calibration=None,
                  dtype: torch.dtype = torch.float32, device="cpu"):
         self.kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
         if group_size <= 0:
@@ -57,8 +58,8 @@ class FakeQuantKVCache:
         shape = (batch, max_len, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.k_scales = k_scales if k_scales is not None else [1.0] * num_layers
-        self.v_scales = v_scales if v_scales is not None else [1.0] * num_layers
+        cal = fp8_calibration or fp8.Fp8Calibration([1.0] * num_layers, [1.0] * num_layers)
+        self.fp8 = cal.check(num_layers, num_kv_heads, head_dim)
         self.length = 0
 
     @classmethod
@@ -78,8 +79,10 @@ class FakeQuantKVCache:
             raise ValueError(f"FakeQuantKVCache holds {self.max_len} tokens; {start} + {T} exceeds it")
         if self.kv_cache_dtype != "int4":
             K, V = self.k[layer], self.v[layer]
-            K[:, start:start + T] = roundtrip(k, self.kv_cache_dtype, self.k_scales[layer])
-            V[:, start:start + T] = roundtrip(v, self.kv_cache_dtype, self.v_scales[layer])
+            cal = self.fp8
+            shift = cal.k_shift[layer].to(k.device) if cal.k_shift is not None else None
+            K[:, start:start + T] = roundtrip(k, self.kv_cache_dtype, cal.k_scales[layer].to(k.device), shift)
+            V[:, start:start + T] = roundtrip(v, self.kv_cache_dtype, cal.v_scales[layer].to(v.device))
             return causal_attention(q, K[:, :start + T], V[:, :start + T], q_offset=start)
         outs, i = [], 0
         while i < T:  # pieces that end at group boundaries: decode-exact timing (module docstring)
