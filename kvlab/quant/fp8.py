@@ -100,7 +100,7 @@ class Fp8Calibration:
     v_scales: list
     k_shift: list | None = None
 
-    def check(self, num_layers: int, num_kv_heads: int, head_dim: int) -> "Fp8Calibration":
+    def check(self, num_layers: int, num_kv_heads: int, head_dim: int) -> Fp8Calibration:
         """Validated float32 copies; every error names the field and the shape it needs."""
         def scales(name, xs):
             if len(xs) != num_layers:

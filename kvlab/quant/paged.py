@@ -9,9 +9,10 @@ kernels of kvlab/kernels/ read:
 | kv_cache_dtype | codes (K and V each) | scales |
 |---|---|---|
 | int8 | int8 `[NB, BS, Hkv, D]` | float16 `[NB, BS, Hkv]` |
-| fp8  | float8_e4m3fn `[NB, BS, Hkv, D]` | float32 per layer, `[]` or `[Hkv]`, and an optional key shift `[Hkv, D]` (`fp8_calibration`; default scale 1.0, no shift) |
+| fp8  | float8_e4m3fn `[NB, BS, Hkv, D]` | float32 per layer, `[]` or `[Hkv]`; optional key shift `[Hkv, D]` |
 | int4 | uint8 `[NB, BS, Hkv, D/2]` | keys float16 scale, zero `[NB, Hkv, D]`; values `[NB, BS, Hkv, D/32]` |
 
+fp8's scales and key shifts come from `fp8_calibration` (default: scale 1.0, no shift).
 int4 also keeps its residual window, the blocks not yet quantized, in full precision in a pool of
 rows (`kvlab.quant.residual.Int4Residual`): opened by `set_metadata` before a step, a block sealed
 (quantized) by the write that fills it, its row still read by that step's attention and given back
