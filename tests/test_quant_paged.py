@@ -219,3 +219,48 @@ def test_int4_default_block_size_reaches_3_2x(tiny_model):
     smol = SimpleNamespace(num_layers=30, num_kv_heads=3, head_dim=64)
     gain = {bs: bytes_per_block(smol, "auto", bs) / bytes_per_block(smol, "int4", bs) for bs in (16, 32)}
     assert gain[32] >= 3.2 > gain[16] > 2.9
+
+
+def test_int4_residual_pool_shrinks_and_keeps_rows_in_place():
+    """Grow to what a step needs, then shrink to 2x the rows in use (not below the initial size),
+    the rows in use moved to the front with their contents; discard gives a row back."""
+    from kvlab.quant.residual import Int4Residual
+
+    BS = 4
+    res = Int4Residual.create(1, 64, BS, 1, 8, rows=2)
+    slots = torch.arange(40 * BS)                        # one step writes blocks 0..39 whole
+    res.open(slots)
+    assert res.rows_in_use == 40 and res.k_res[0].shape[0] >= 40
+    res.open(torch.tensor([50 * BS, 51 * BS + 1]))       # two partial blocks
+    for b in (50, 51):
+        res.k_res[0][int(res.res_slot[b])] = b           # mark their contents
+    res.close(slots)                                     # blocks 0..39 sealed: 2 rows left
+    assert res.rows_in_use == 2 and res.k_res[0].shape[0] == 4
+    assert sorted(res.res_slot[[50, 51]].tolist()) == [0, 1]
+    for b in (50, 51):
+        assert (res.k_res[0][int(res.res_slot[b])] == b).all()
+    res.discard([50, 7])                                 # 7 has no row: nothing to do
+    assert res.rows_in_use == 1 and int(res.res_slot[50]) == -1
+    assert res.k_res[0].shape[0] == 2                    # 1 of 4 in use: down to the initial 2
+    assert int(res.res_slot[51]) == 0 and (res.k_res[0][0] == 51).all()
+    assert res.nbytes == 2 * 2 * BS * 8 * 4              # K and V, 2 rows of float32
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_int4_engine_gives_residual_rows_back(tiny_model, prefix_caching):
+    """Finished requests' partial blocks give their rows back; after a burst of long prompts the
+    pool shrinks again, so the memory outside the block budget tracks the running sequences."""
+    model = copy.deepcopy(tiny_model).double()
+    llm = LLM(model, block_size=4, num_kv_blocks=96, max_model_len=128, kv_cache_dtype="int4",
+              enable_prefix_caching=prefix_caching)
+    res, initial, peak = llm.cache.residual, llm.cache.residual_bytes, []
+    open_rows = res.open
+    res.open = lambda slots: (open_rows(slots), peak.append(res.rows_in_use))  # rows a step needs
+    llm.generate(_prompts([61, 58, 47, 70], seed=3), SamplingParams(max_tokens=3, **GREEDY), use_tqdm=False)
+    assert peak[0] == 16 + 15 + 12 + 18                   # the burst's prefill: a row per block
+    assert peak[1:] == [4, 4]                             # then one partial block per sequence
+    assert llm.cache.num_residual_blocks == 0 and llm.cache.residual_bytes == initial
+    outs = llm.generate(_prompts([5, 9], seed=4), SamplingParams(max_tokens=6, **GREEDY), use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 6 for o in outs)
+    assert llm.cache.num_residual_blocks == 0
+    assert llm.block_manager.num_free_blocks == llm.num_kv_blocks

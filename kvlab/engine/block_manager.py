@@ -99,9 +99,14 @@ class BlockManager:
     `__len__`; `kvlab.engine.sequence.Sequence` has them. Counters, in tokens, named like vLLM's:
     `prefix_cache_queries` (prompt tokens looked up) and `prefix_cache_hits` (tokens found);
     `num_evicted_blocks` counts cached blocks whose contents were dropped for new ones.
+
+    `on_discard(block_id)`, if given, is called when a block is freed with contents nobody can
+    find again (no prefix-cache hash): a cache that keeps per-block state outside its pool (int4's
+    full-precision residual rows, kvlab/quant/residual.py) lets it go there.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 on_discard=None):
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         if block_size <= 0 or block_size & (block_size - 1):
@@ -109,6 +114,7 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.on_discard = on_discard
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue = FreeBlockQueue(range(num_blocks))
         self.cached: dict[bytes, int] = {}                    # block hash -> block id
@@ -238,6 +244,8 @@ class BlockManager:
                 self.free_queue.append(block_id)       # keep the contents, evict it last
             else:
                 self.free_queue.appendleft(block_id)   # nothing to keep: reuse it first
+                if self.on_discard is not None:
+                    self.on_discard(block_id)
 
     def allocate(self, seq) -> None:
         """Give seq a block table covering all of its current tokens, reusing its longest cached

@@ -28,12 +28,8 @@ from kvlab.engine.outputs import CompletionOutput, RequestOutput
 from kvlab.engine.sampling import SamplingParams, sample
 from kvlab.engine.scheduler import Scheduler
 from kvlab.engine.sequence import Sequence
-from kvlab.quant.common import check_kv_cache_dtype
+from kvlab.quant.common import DEFAULT_BLOCK_SIZE, check_kv_cache_dtype
 
-#: The default block size per cache format: int4 quantizes a block's keys per channel over its
-#: tokens, so its float16 scale and zero per channel cost 4D bytes per block; blocks of 32 halve
-#: that per token (3.2x bfloat16's capacity instead of 2.9x, benchmarks/kv_quant_accuracy.py).
-DEFAULT_BLOCK_SIZE = {"auto": 16, "int8": 16, "fp8": 16, "int4": 32}
 DEFAULT_KV_CACHE_BYTES = 512 * 2**20   # when neither num_kv_blocks nor kv_cache_memory_bytes is given
 
 
@@ -106,7 +102,8 @@ class LLM:
             extra["fp8_calibration"] = fp8_calibration
         self.cache = cache_cls(num_blocks=num_kv_blocks, **shape, dtype=self.model.dtype,
                                device=self.model.device, attention_backend=attention_backend, **extra)
-        self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
+        self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching,
+                                          on_discard=getattr(self.cache, "discard_block", None))
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens,
                                    scheduling_policy)
         self.runner = ModelRunner(self.model, self.cache)

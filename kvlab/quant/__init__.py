@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 
 from kvlab.quant import int4
-from kvlab.quant.common import KV_CACHE_DTYPES, check_kv_cache_dtype
+from kvlab.quant.common import DEFAULT_BLOCK_SIZE, KV_CACHE_DTYPES, check_kv_cache_dtype
 
-__all__ = ["KV_CACHE_DTYPES", "check_kv_cache_dtype", "bytes_per_block", "bytes_per_token",
+__all__ = ["DEFAULT_BLOCK_SIZE", "KV_CACHE_DTYPES", "check_kv_cache_dtype", "bytes_per_block", "bytes_per_token",
            "bytes_per_token_per_head"]
 
 
@@ -26,10 +26,12 @@ def _itemsize(model_dtype: torch.dtype | int) -> int:
     return torch.empty((), dtype=model_dtype).element_size()
 
 
-def bytes_per_block_per_head(head_dim: int, kv_cache_dtype: str, block_size: int,
+def bytes_per_block_per_head(head_dim: int, kv_cache_dtype: str, block_size: int | None = None,
                              model_dtype: torch.dtype | int = torch.bfloat16) -> int:
-    """Bytes one block of `block_size` tokens costs for one layer and one KV head, keys + values."""
+    """Bytes one block of `block_size` tokens costs for one layer and one KV head, keys + values
+    (`block_size` None: the format's `DEFAULT_BLOCK_SIZE`)."""
     check_kv_cache_dtype(kv_cache_dtype)
+    block_size = DEFAULT_BLOCK_SIZE[kv_cache_dtype] if block_size is None else block_size
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     D = head_dim
@@ -48,7 +50,7 @@ def bytes_per_block_per_head(head_dim: int, kv_cache_dtype: str, block_size: int
     return codes + key_meta + value_meta
 
 
-def bytes_per_block(config, kv_cache_dtype: str = "auto", block_size: int = 16,
+def bytes_per_block(config, kv_cache_dtype: str = "auto", block_size: int | None = None,
                     model_dtype: torch.dtype | int = torch.bfloat16) -> int:
     """Bytes of one paged block (all layers, all KV heads, K and V, scales included).
 
@@ -60,25 +62,28 @@ def bytes_per_block(config, kv_cache_dtype: str = "auto", block_size: int = 16,
     return config.num_layers * config.num_kv_heads * per_head
 
 
-def bytes_per_token(config, kv_cache_dtype: str = "auto", block_size: int = 16,
+def bytes_per_token(config, kv_cache_dtype: str = "auto", block_size: int | None = None,
                     model_dtype: torch.dtype | int = torch.bfloat16) -> float:
     """KV-cache bytes per token (all layers, K and V) including scales and zero points.
 
     A float, because int4 key scales are per block: with block_size 16 they add 16 bytes per token
-    and head, with 32 they add 8. Not counted: fp8's per-layer scales (a few bytes per layer, not
+    and head, with 32 (int4's default) they add 8. Not counted: fp8's per-layer scales (a few bytes per layer, not
     per token) and int4's residual window (at most one full-precision block per sequence, see
     `int4_residual_bytes_per_sequence`).
     """
+    block_size = DEFAULT_BLOCK_SIZE[check_kv_cache_dtype(kv_cache_dtype)] if block_size is None else block_size
     return bytes_per_block(config, kv_cache_dtype, block_size, model_dtype) / block_size
 
 
-def bytes_per_token_per_head(head_dim: int, kv_cache_dtype: str, block_size: int = 16,
+def bytes_per_token_per_head(head_dim: int, kv_cache_dtype: str, block_size: int | None = None,
                              model_dtype: torch.dtype | int = torch.bfloat16) -> float:
     """`bytes_per_token` for one layer and one KV head (the unit the layout table uses)."""
+    block_size = DEFAULT_BLOCK_SIZE[check_kv_cache_dtype(kv_cache_dtype)] if block_size is None else block_size
     return bytes_per_block_per_head(head_dim, kv_cache_dtype, block_size, model_dtype) / block_size
 
 
-def int4_residual_bytes_per_sequence(config, block_size: int = 16,
+def int4_residual_bytes_per_sequence(config, block_size: int | None = None,
                                      model_dtype: torch.dtype | int = torch.bfloat16) -> int:
     """Worst-case full-precision residual of one sequence with int4: one partial block."""
+    block_size = DEFAULT_BLOCK_SIZE["int4"] if block_size is None else block_size
     return bytes_per_block(config, "auto", block_size, model_dtype)

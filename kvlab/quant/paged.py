@@ -123,6 +123,17 @@ class QuantizedPagedKVCache:
         """int4: full-precision blocks (residual rows) currently held (0 for the other formats)."""
         return self.residual.rows_in_use if self.kv_cache_dtype == "int4" else 0
 
+    @property
+    def residual_bytes(self) -> int:
+        """int4: bytes of the full-precision residual pool now, outside the block budget (else 0)."""
+        return self.residual.nbytes if self.kv_cache_dtype == "int4" else 0
+
+    def discard_block(self, block_id: int) -> None:
+        """The block manager freed `block_id` and nobody will read it again: int4 gives its
+        residual row back (the other formats keep nothing per block outside the pool)."""
+        if self.kv_cache_dtype == "int4":
+            self.residual.discard([block_id])
+
     def set_metadata(self, metadata) -> None:
         """Called by the engine before each forward pass; int4 opens this step's residual rows."""
         self.metadata = metadata

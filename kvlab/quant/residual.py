@@ -20,10 +20,14 @@ The timing of one engine step, the same for the PyTorch path and the Triton kern
 3. `close(slot_mapping)` after the step's last layer: the sealed blocks give their rows back
    (res_slot = -1); from the next step on they are read from their codes.
 
-A block freed while partial keeps its row until it is filled again, so the pool holds at most one
-row per block id, and in practice about one per running sequence plus the blocks a step fills.
-Rows are handed out in a fixed order, so two caches driven through the same steps hold the same
-bytes in the same rows.
+4. `discard(block)` when the block manager frees a block whose contents nobody will read again
+   (a sequence's partial last block when it finishes, is aborted or preempted): its row goes back.
+
+So the pool holds one row per running sequence plus the blocks one step fills. It is memory outside
+the engine's block budget (`nbytes`): it grows, doubling, to what a step needs, and shrinks back
+(to twice the rows in use, at least its initial size) once three quarters of it are free, moving
+the rows in use to the front. Rows are handed out and moved in a fixed order, so two caches driven
+through the same steps hold the same bytes in the same rows.
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ class Int4Residual:
     v_res: list
     res_slot: torch.Tensor
     free: list
+    min_rows: int = 16
 
     @classmethod
     def create(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
@@ -57,11 +62,35 @@ class Int4Residual:
                 for _ in range(2 * num_layers)]
         return cls(block_size, pool[:num_layers], pool[num_layers:],
                    torch.full((num_blocks,), -1, dtype=torch.int32, device=device),
-                   list(range(rows - 1, -1, -1)))
+                   list(range(rows - 1, -1, -1)), rows)
 
     @property
     def rows_in_use(self) -> int:
         return self.k_res[0].shape[0] - len(self.free)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the pool holds now (all layers, K and V), in use or not."""
+        return sum(p.numel() * p.element_size() for p in self.k_res + self.v_res)
+
+    def _shrink(self) -> None:
+        """Once 3/4 of the rows are free: keep max(min_rows, 2 x in use), rows in use moved to the
+        front in their current order."""
+        R, used = self.k_res[0].shape[0], self.rows_in_use
+        keep = max(self.min_rows, 2 * used)
+        if used * 4 > R or keep >= R:
+            return
+        blocks = (self.res_slot >= 0).nonzero().flatten()
+        rows = self.res_slot[blocks].long()
+        order = rows.argsort()
+        blocks, rows = blocks[order], rows[order]
+        for pools in (self.k_res, self.v_res):
+            for i, p in enumerate(pools):
+                new = p.new_zeros(keep, *p.shape[1:])
+                new[:used] = p[rows]
+                pools[i] = new
+        self.res_slot[blocks] = torch.arange(used, dtype=self.res_slot.dtype, device=self.res_slot.device)
+        self.free = list(range(keep - 1, used - 1, -1))
 
     def _grow(self, need: int) -> None:
         R = self.k_res[0].shape[0]
@@ -83,10 +112,16 @@ class Int4Residual:
 
     def close(self, slot_mapping: torch.Tensor) -> None:
         """After a step's last layer: the blocks it sealed give their rows back."""
-        for b in sealed_blocks(slot_mapping, self.block_size).tolist():
-            if int(self.res_slot[b]) >= 0:
-                self.free.append(int(self.res_slot[b]))
+        self.discard(sealed_blocks(slot_mapping, self.block_size).tolist())
+
+    def discard(self, blocks) -> None:
+        """The rows of these block ids (those that have one) go back to the pool; it may shrink."""
+        for b in blocks:
+            r = int(self.res_slot[b])
+            if r >= 0:
+                self.free.append(r)
                 self.res_slot[b] = -1
+        self._shrink()
 
     def args(self, layer: int) -> dict:
         """The residual keyword arguments of the int4 kernels for one layer."""
