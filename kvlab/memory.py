@@ -115,7 +115,7 @@ def kv_bytes_per_token(config, dtype_bytes: float = 2, *, kv_cache_dtype: str | 
     """Bytes one token adds to the cache, all layers, K and V, while it is inside every window.
 
     `dtype_bytes`: bytes per stored number (2 = fp16/bf16, 1 = fp8/int8 ignoring scales, 4 = fp32).
-    `kv_cache_dtype` ("auto", "int8", "fp8", "int4"): count a quantized format exactly, scales and
+    `kv_cache_dtype` ("auto", "int8", "fp8", "int4", "int2"): count a quantized format exactly, scales and
     zero points included, as `kvlab.quant.bytes_per_token` does (MHA/GQA/MQA only). Returns an int
     when dtype_bytes is an int and no quantized format is given.
     """

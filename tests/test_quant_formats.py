@@ -56,22 +56,24 @@ def test_fp8_default_scale_saturates_and_flushes():
     assert y.tolist() == [[[448.0, -448.0, 1.0, 0.0]]]
 
 
+@pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("name", ["random", "zeros", "constant", "tiny", "outlier_channel", "one_huge"])
-def test_int4_keys_per_channel_error_bound(name):
+def test_int4_keys_per_channel_error_bound(name, bits):
     x = adversarial((4, 16, 3, 64))[name]  # 4 blocks of a 16-token group
-    p, s, z = int4.quantize_keys(x)
-    assert p.shape == (4, 16, 3, 32) and p.dtype == torch.uint8 and s.shape == z.shape == (4, 3, 64)
-    err = (int4.dequantize_keys(p, s, z) - x).abs()
+    p, s, z = int4.quantize_keys(x, bits)
+    assert p.shape == (4, 16, 3, 8 * bits) and p.dtype == torch.uint8 and s.shape == z.shape == (4, 3, 64)
+    err = (int4.dequantize_keys(p, s, z, bits=bits) - x).abs()
     assert (err <= s.float().unsqueeze(-3) / 2 * (1 + EPS) + EPS * x.abs()).all()
     assert (z.float() <= x.amin(-3)).all()  # zero point rounded down: no value below code 0
 
 
+@pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("name", ["random", "zeros", "constant", "tiny", "outlier_channel", "one_huge"])
-def test_int4_values_per_token_error_bound(name):
+def test_int4_values_per_token_error_bound(name, bits):
     x = adversarial((4, 16, 3, 64))[name]
-    p, s, z = int4.quantize_values(x)
-    assert p.shape == (4, 16, 3, 32) and s.shape == z.shape == (4, 16, 3, 64 // int4.VALUE_GROUP)
-    err = (int4.dequantize_values(p, s, z) - x).abs()
+    p, s, z = int4.quantize_values(x, bits=bits)
+    assert p.shape == (4, 16, 3, 8 * bits) and s.shape == z.shape == (4, 16, 3, 64 // int4.VALUE_GROUP)
+    err = (int4.dequantize_values(p, s, z, bits=bits) - x).abs()
     bound = s.float().repeat_interleave(int4.VALUE_GROUP, dim=-1) / 2
     assert (err <= bound * (1 + EPS) + EPS * x.abs()).all()
 
@@ -92,6 +94,19 @@ def test_pack_int4_low_nibble_is_even_channel():
     assert p.tolist() == [1 | 2 << 4, 15]
     codes = torch.randint(0, 16, (5, 3, 64), dtype=torch.uint8)
     assert torch.equal(int4.unpack_int4(int4.pack_int4(codes)), codes)
+
+
+def test_pack_int2_four_codes_per_byte():
+    q = torch.tensor([1, 2, 3, 0, 3, 3, 3, 3], dtype=torch.uint8)
+    assert int4.pack_codes(q, 2).tolist() == [1 | 2 << 2 | 3 << 4, 255]
+    codes = torch.randint(0, 4, (5, 3, 64), dtype=torch.uint8)
+    assert torch.equal(int4.unpack_codes(int4.pack_codes(codes, 2), 2), codes)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        int4.pack_codes(codes[..., :6], 2)
+    with pytest.raises(ValueError, match="bits must be 4"):
+        int4.quantize_keys(torch.randn(4, 1, 8), bits=3)
+    with pytest.raises(ValueError, match="int2 needs a head_dim that is a multiple of 4"):
+        int4.value_group(6, bits=2)
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
@@ -131,3 +146,5 @@ def test_bytes_per_token_counts_scales():
     assert per_head("int4", 16) == 64 + 2 * 2 * 64 / 16 + 2 * 2 * 2
     assert per_head("int4", 32) == 64 + 2 * 2 * 64 / 32 + 2 * 2 * 2
     assert math.isclose(per_head("auto") / per_head("int4", 32), 3.2)
+    assert per_head("int2", 32) == 32 + 2 * 2 * 64 / 32 + 2 * 2 * 2    # 16 bytes of codes (K+V)
+    assert bytes_per_token(c, "int2") == bytes_per_token(c, "int2", 32)  # its default block size

@@ -10,7 +10,7 @@ from kvlab.quant import KV_CACHE_DTYPES, bytes_per_block
 from kvlab.quant.paged import QuantizedPagedKVCache
 from kvlab.quant.sim import FakeQuantKVCache
 
-FORMATS = ["int8", "fp8", "int4"]
+FORMATS = ["int8", "fp8", "int4", "int2"]
 GREEDY = dict(temperature=0, ignore_eos=True)
 
 
@@ -41,7 +41,7 @@ def test_decode_equals_fake_quant_twin(tiny_model, fmt):
         a = tiny_model(ids[:, t:t + 1], positions=torch.tensor([[t]]), cache=paged)
         b = tiny_model(ids[:, t:t + 1], cache=sim)
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
-    if fmt == "int4":  # 23 tokens in blocks of 4: 5 sealed blocks, one partial residual
+    if fmt in ("int4", "int2"):  # 23 tokens in blocks of 4: 5 sealed blocks, one partial residual
         assert paged.num_residual_blocks == 1
 
 
@@ -56,8 +56,8 @@ def test_engine_finishes_every_request_and_frees_every_block(tiny_model, fmt):
         assert llm.block_manager.num_free_blocks == llm.num_kv_blocks
         assert all(b.ref_count == 0 for b in llm.block_manager.blocks)
         assert not llm.has_unfinished_requests()
-    if fmt == "int4":
-        assert llm.cache.num_residual_blocks <= llm.num_kv_blocks
+    if fmt in ("int4", "int2"):   # every finished sequence gave its partial block's row back
+        assert llm.cache.num_residual_blocks == 0
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -264,3 +264,10 @@ def test_int4_engine_gives_residual_rows_back(tiny_model, prefix_caching):
     assert all(len(o.outputs[0].token_ids) == 6 for o in outs)
     assert llm.cache.num_residual_blocks == 0
     assert llm.block_manager.num_free_blocks == llm.num_kv_blocks
+
+
+def test_int2_runs_on_the_torch_backend_only(tiny_config):
+    c = tiny_config
+    with pytest.raises(ValueError, match="int2' has no Triton kernels; use attention_backend='torch'"):
+        QuantizedPagedKVCache(c.num_layers, 4, 4, c.num_kv_heads, c.head_dim, kv_cache_dtype="int2",
+                              attention_backend="triton")

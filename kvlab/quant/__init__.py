@@ -2,7 +2,8 @@
 
 One module per format, each with a PyTorch quantize/dequantize pair that is the reference:
 `int8` (symmetric, per token per KV head), `fp8` (e4m3fn, per-tensor or per-KV-head scales),
-`int4` (KIVI-style: asymmetric, keys per channel, values per token, residual window).
+`int4` (KIVI-style: asymmetric, keys per channel, values per token, residual window; the same
+module quantizes `int2`, KIVI's 2-bit setting).
 `paged.QuantizedPagedKVCache` stores them in paged blocks; `sim.FakeQuantKVCache` is the contiguous
 twin used to measure accuracy. Layouts: docs/architecture.md section 4.
 
@@ -42,9 +43,9 @@ def bytes_per_block_per_head(head_dim: int, kv_cache_dtype: str, block_size: int
         return block_size * 2 * (D + 2)
     if kv_cache_dtype == "fp8":  # fp8 codes; the scales are per layer (4 bytes per head), not per token
         return block_size * 2 * D
-    # int4 (KIVI): 4-bit codes; keys: float16 scale + zero per channel per block;
+    # int4 / int2 (KIVI): 4- or 2-bit codes; keys: float16 scale + zero per channel per block;
     # values: float16 scale + zero per token per VALUE_GROUP channels.
-    codes = block_size * 2 * (D // 2)
+    codes = block_size * 2 * (D * int4.FORMAT_BITS[kv_cache_dtype] // 8)
     key_meta = 2 * 2 * D
     value_meta = block_size * 2 * 2 * (D // int4.value_group(D))
     return codes + key_meta + value_meta

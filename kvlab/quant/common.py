@@ -4,13 +4,13 @@ from __future__ import annotations
 import torch
 
 #: Valid values of `kv_cache_dtype`. "auto" stores K and V in the model's dtype.
-KV_CACHE_DTYPES = ("auto", "int8", "fp8", "int4")
+KV_CACHE_DTYPES = ("auto", "int8", "fp8", "int4", "int2")
 
 #: Tokens per paged block when none is given, per format (kvlab.LLM and the byte counts agree).
 #: int4 quantizes a block's keys per channel over its tokens, so its float16 scale and zero per
 #: channel cost 4D bytes per block; blocks of 32 halve that per token (3.2x bfloat16's capacity at
-#: head_dim 64 instead of 2.9x).
-DEFAULT_BLOCK_SIZE = {"auto": 16, "int8": 16, "fp8": 16, "int4": 32}
+#: head_dim 64 instead of 2.9x); int2 likewise.
+DEFAULT_BLOCK_SIZE = {"auto": 16, "int8": 16, "fp8": 16, "int4": 32, "int2": 32}
 
 
 def check_kv_cache_dtype(kv_cache_dtype: str) -> str:

@@ -11,9 +11,10 @@ kernels of kvlab/kernels/ read:
 | int8 | int8 `[NB, BS, Hkv, D]` | float16 `[NB, BS, Hkv]` |
 | fp8  | float8_e4m3fn `[NB, BS, Hkv, D]` | float32 per layer, `[]` or `[Hkv]`; optional key shift `[Hkv, D]` |
 | int4 | uint8 `[NB, BS, Hkv, D/2]` | keys float16 scale, zero `[NB, Hkv, D]`; values `[NB, BS, Hkv, D/32]` |
+| int2 | uint8 `[NB, BS, Hkv, D/4]` | as int4 (torch backend only: no Triton kernel reads 2-bit codes) |
 
 fp8's scales and key shifts come from `fp8_calibration` (default: scale 1.0, no shift).
-int4 also keeps its residual window, the blocks not yet quantized, in full precision in a pool of
+int4 and int2 also keep their residual window, the blocks not yet quantized, in full precision in a pool of
 rows (`kvlab.quant.residual.Int4Residual`): opened by `set_metadata` before a step, a block sealed
 (quantized) by the write that fills it, its row still read by that step's attention and given back
 after the step's last layer.
@@ -67,8 +68,11 @@ class QuantizedPagedKVCache:
                             ("head_dim", head_dim)):
             if value <= 0:
                 raise ValueError(f"QuantizedPagedKVCache: {name} must be positive, got {value}")
-        if kv_cache_dtype == "int4":
-            int4.value_group(head_dim)  # raises for a head_dim int4 cannot group
+        self.bits = int4.FORMAT_BITS.get(kv_cache_dtype)     # 4 or 2 for the KIVI formats, else None
+        if self.bits:
+            int4.value_group(head_dim, self.bits)  # raises for a head_dim it cannot group or pack
+        if kv_cache_dtype == "int2" and attention_backend == "triton":
+            raise ValueError("kv_cache_dtype='int2' has no Triton kernels; use attention_backend='torch'")
         if fp8_calibration is not None and kv_cache_dtype != "fp8":
             raise ValueError(f"fp8_calibration is only for kv_cache_dtype='fp8', not {kv_cache_dtype!r}")
         self.kv_cache_dtype = kv_cache_dtype
@@ -95,9 +99,9 @@ class QuantizedPagedKVCache:
             cal = cal.check(num_layers, num_kv_heads, head_dim)
             self.k_scale, self.v_scale = ([x.to(dev) for x in xs] for xs in (cal.k_scales, cal.v_scales))
             self.k_shift = None if cal.k_shift is None else [x.to(dev) for x in cal.k_shift]
-        else:  # int4
-            G = D // int4.value_group(D)
-            self.k_cache, self.v_cache = (zeros(NB, BS, H, D // 2, dt=torch.uint8) for _ in "kv")
+        else:  # int4, int2
+            G = D // int4.value_group(D, self.bits)
+            self.k_cache, self.v_cache = (zeros(NB, BS, H, D * self.bits // 8, dt=torch.uint8) for _ in "kv")
             self.k_scale, self.k_zero = (zeros(NB, H, D, dt=f16) for _ in "sz")
             self.v_scale, self.v_zero = (zeros(NB, BS, H, G, dt=f16) for _ in "sz")
             self.residual = Int4Residual.create(num_layers, NB, BS, H, D, dtype, dev)
@@ -120,24 +124,24 @@ class QuantizedPagedKVCache:
 
     @property
     def num_residual_blocks(self) -> int:
-        """int4: full-precision blocks (residual rows) currently held (0 for the other formats)."""
-        return self.residual.rows_in_use if self.kv_cache_dtype == "int4" else 0
+        """int4, int2: full-precision blocks (residual rows) currently held (0 for the other formats)."""
+        return self.residual.rows_in_use if self.bits else 0
 
     @property
     def residual_bytes(self) -> int:
-        """int4: bytes of the full-precision residual pool now, outside the block budget (else 0)."""
-        return self.residual.nbytes if self.kv_cache_dtype == "int4" else 0
+        """int4, int2: bytes of the full-precision residual pool now, outside the block budget."""
+        return self.residual.nbytes if self.bits else 0
 
     def discard_block(self, block_id: int) -> None:
         """The block manager freed `block_id` and nobody will read it again: int4 gives its
         residual row back (the other formats keep nothing per block outside the pool)."""
-        if self.kv_cache_dtype == "int4":
+        if self.bits:
             self.residual.discard([block_id])
 
     def set_metadata(self, metadata) -> None:
         """Called by the engine before each forward pass; int4 opens this step's residual rows."""
         self.metadata = metadata
-        if metadata is not None and self.kv_cache_dtype == "int4":
+        if metadata is not None and self.bits:
             self.residual.open(metadata.slot_mapping)
 
     def kernel_args(self, layer: int) -> dict:
@@ -163,7 +167,7 @@ class QuantizedPagedKVCache:
                                     (v, self.v_cache, self.v_scale)):
                 q = fp8.quantize_fp8(x, scale[layer]).view(torch.uint8)  # CPU index_copy_ lacks fp8
                 codes[layer].view(torch.uint8).view(NB * BS, H, D).index_copy_(0, slots, q)
-        else:  # int4: rows into the residual pool, then seal the blocks this write filled
+        else:  # int4, int2: rows into the residual pool, then seal the blocks this write filled
             res = self.residual
             rows = res.res_slot[slots // BS].long()
             if bool((rows < 0).any()):
@@ -175,9 +179,9 @@ class QuantizedPagedKVCache:
             for b in sealed_blocks(slots, BS).tolist():
                 r = int(res.res_slot[b])
                 (self.k_cache[layer][b], self.k_scale[layer][b],
-                 self.k_zero[layer][b]) = int4.quantize_keys(res.k_res[layer][r])
+                 self.k_zero[layer][b]) = int4.quantize_keys(res.k_res[layer][r], self.bits)
                 (self.v_cache[layer][b], self.v_scale[layer][b],
-                 self.v_zero[layer][b]) = int4.quantize_values(res.v_res[layer][r])
+                 self.v_zero[layer][b]) = int4.quantize_values(res.v_res[layer][r], bits=self.bits)
 
     def dequantize_blocks(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-precision K and V [len(blocks), BS, Hkv, D] of the given block ids (model dtype);
@@ -190,8 +194,10 @@ class QuantizedPagedKVCache:
             return (fp8.dequantize_fp8(self.k_cache[layer][b], self.k_scale[layer], dt,
                                        self._k_shift(layer)),
                     fp8.dequantize_fp8(self.v_cache[layer][b], self.v_scale[layer], dt))
-        k = int4.dequantize_keys(self.k_cache[layer][b], self.k_scale[layer][b], self.k_zero[layer][b], dt)
-        v = int4.dequantize_values(self.v_cache[layer][b], self.v_scale[layer][b], self.v_zero[layer][b], dt)
+        k = int4.dequantize_keys(self.k_cache[layer][b], self.k_scale[layer][b], self.k_zero[layer][b], dt,
+                                 self.bits)
+        v = int4.dequantize_values(self.v_cache[layer][b], self.v_scale[layer][b], self.v_zero[layer][b], dt,
+                                   self.bits)
         rows = self.residual.res_slot[b].long()
         hot = rows >= 0
         if bool(hot.any()):  # partial blocks, and blocks sealed this step: the residual window
@@ -231,7 +237,7 @@ class QuantizedPagedKVCache:
         m = step_metadata(self, q)
         attend = self._attend_fused if self.fused else self._attend_reference
         out = attend(layer, q[0], k[0], v[0], m)
-        if self.kv_cache_dtype == "int4" and layer == self.num_layers - 1:
+        if self.bits and layer == self.num_layers - 1:
             self.residual.close(m.slot_mapping)   # the step's sealed blocks give their rows back
         return out.unsqueeze(0)
 

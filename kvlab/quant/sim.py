@@ -45,7 +45,7 @@ class FakeQuantKVCache:
     """Contiguous `[B, max_len, Hkv, D]` per layer of dequantized keys and values; all rows equally long.
 
     fp8: `fp8_calibration`, a `kvlab.quant.fp8.Fp8Calibration` (None = scale 1.0, no key shift).
-    int4: `group_size` tokens per key group (the paged cache's block size).
+    int4 and int2: `group_size` tokens per key group (the paged cache's block size).
     """
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
@@ -77,7 +77,7 @@ class FakeQuantKVCache:
         start = self.length
         if start + T > self.max_len:
             raise ValueError(f"FakeQuantKVCache holds {self.max_len} tokens; {start} + {T} exceeds it")
-        if self.kv_cache_dtype != "int4":
+        if self.kv_cache_dtype not in int4.FORMAT_BITS:
             K, V = self.k[layer], self.v[layer]
             cal = self.fp8
             shift = cal.k_shift[layer].to(k.device) if cal.k_shift is not None else None
@@ -100,8 +100,10 @@ class FakeQuantKVCache:
         end = pos + n
         if end % G == 0:  # the group is complete: quantize keys per channel, values per token
             g0 = end - G
-            K[:, g0:end] = int4.dequantize_keys(*int4.quantize_keys(K[:, g0:end]), dtype=K.dtype)
-            V[:, g0:end] = int4.dequantize_values(*int4.quantize_values(V[:, g0:end]), dtype=V.dtype)
+            bits = int4.FORMAT_BITS[self.kv_cache_dtype]
+            K[:, g0:end] = int4.dequantize_keys(*int4.quantize_keys(K[:, g0:end], bits), K.dtype, bits)
+            V[:, g0:end] = int4.dequantize_values(*int4.quantize_values(V[:, g0:end], bits=bits),
+                                                  V.dtype, bits)
         return out
 
     def advance(self, num_tokens: int) -> None:
