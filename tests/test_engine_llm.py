@@ -107,7 +107,7 @@ def test_bad_sampling_params(kw, match):
 
 
 @pytest.mark.parametrize("kw,match", [(dict(block_size=12), "power of two"), (dict(block_size=0), "power of two"),
-                                      (dict(kv_cache_dtype="int2"), "auto.*int8.*fp8.*int4"),
+                                      (dict(kv_cache_dtype="int3"), "auto.*int8.*fp8.*int4.*int2"),
                                       (dict(attention_backend="cuda"), "attention_backend"),
                                       (dict(max_model_len=10_000), "max_model_len"),
                                       (dict(max_model_len=64, max_num_batched_tokens=32), "max_num_batched_tokens"),
