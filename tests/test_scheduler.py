@@ -90,7 +90,8 @@ def workloads(draw):
     return dict(block_size=block_size, reqs=reqs,
                 num_blocks=draw(st.integers(min_blocks, min_blocks + 2 * (20 // block_size + 2))),
                 max_num_seqs=draw(st.integers(1, 4)), prefix=draw(st.booleans()),
-                bad_at=draw(st.one_of(st.none(), st.integers(0, 6))))
+                bad_at=draw(st.one_of(st.none(), st.integers(0, 6))),
+                chunk=draw(st.one_of(st.none(), st.integers(4, 24))))   # chunked prefill budget
 
 
 def _check_invariants(llm):
@@ -100,7 +101,12 @@ def _check_invariants(llm):
     assert sum(b.ref_count for b in bm.blocks) == sum(len(s.block_table) for s in sched.running)
     assert bm.num_free_blocks == sum(b.ref_count == 0 for b in bm.blocks)
     for s in sched.running:      # the newest token's K/V is written by the next step
-        assert len(s.block_table) == -(-(len(s) - 1) // llm.block_size)
+        decoding = -(-(len(s) - 1) // llm.block_size)
+        if sched.enable_chunked_prefill:   # a prompt in progress holds all of its blocks
+            assert decoding <= len(s.block_table) <= -(-len(s) // llm.block_size)
+            assert s.num_scheduled_tokens <= sched.max_num_batched_tokens
+        else:
+            assert len(s.block_table) == decoding
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -108,7 +114,8 @@ def _check_invariants(llm):
 def test_random_workloads_end_clean_and_match_the_reference(model64, reference, w):
     llm = LLM(model64, block_size=w["block_size"], num_kv_blocks=w["num_blocks"],
               max_model_len=MAX_MODEL_LEN, max_num_seqs=w["max_num_seqs"],
-              max_num_batched_tokens=MAX_MODEL_LEN, enable_prefix_caching=w["prefix"])
+              max_num_batched_tokens=w["chunk"] or MAX_MODEL_LEN, enable_prefix_caching=w["prefix"],
+              enable_chunked_prefill=w["chunk"] is not None)
     reqs, ids, tokens, finish = w["reqs"], {}, {}, {}
     step = 0
     while step <= 6 or llm.has_unfinished_requests():

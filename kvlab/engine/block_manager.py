@@ -247,9 +247,10 @@ class BlockManager:
                 if self.on_discard is not None:
                     self.on_discard(block_id)
 
-    def allocate(self, seq) -> None:
+    def allocate(self, seq, num_computed: int | None = None) -> None:
         """Give seq a block table covering all of its current tokens, reusing its longest cached
-        prefix, and register its full blocks (they are all computed by the coming prefill)."""
+        prefix, and register its full blocks up to `num_computed` tokens (default all: the coming
+        prefill computes them; a chunked prefill computes fewer, see `register_computed`)."""
         if seq.block_table:
             raise ValueError(f"sequence already holds {len(seq.block_table)} blocks; "
                              "deallocate it before allocating again")
@@ -271,9 +272,15 @@ class BlockManager:
             for i, b in enumerate(hits):
                 parent, _, _ = self._block_key(seq, i, parent)
                 chain.append((parent, b.ref))
-            self._register_full_blocks(seq, len(seq))
+            self._register_full_blocks(seq, len(seq) if num_computed is None else num_computed)
             self.prefix_cache_queries += len(seq)
             self.prefix_cache_hits += seq.num_cached_tokens
+
+    def register_computed(self, seq, num_computed: int) -> None:
+        """Chunked prefill: the coming step computes seq's tokens up to `num_computed`; its blocks
+        that are then full become findable in the prefix cache (never before their K/V exist)."""
+        if self.enable_prefix_caching:
+            self._register_full_blocks(seq, min(num_computed, len(seq)))
 
     def may_append(self, seq) -> None:
         """After a token was appended to seq: add a block if the new token opened one. The block

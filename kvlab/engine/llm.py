@@ -54,7 +54,8 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  attention_backend: str = "torch", kv_cache_dtype: str = "auto",
                  enable_prefix_caching: bool = True, dtype: torch.dtype = torch.float32,
-                 device="cpu", scheduling_policy=None, fp8_calibration=None):
+                 device="cpu", scheduling_policy=None, fp8_calibration=None,
+                 enable_chunked_prefill: bool = False):
         check_kv_cache_dtype(kv_cache_dtype)
         if block_size is None:
             block_size = DEFAULT_BLOCK_SIZE[kv_cache_dtype]
@@ -69,9 +70,10 @@ class LLM:
             raise ValueError(f"max_model_len must be in [2, {cfg.max_position_embeddings}] (the model's "
                              f"max_position_embeddings), got {self.max_model_len}")
         self.max_num_batched_tokens = max_num_batched_tokens or max(self.max_model_len, 2048)
-        if self.max_num_batched_tokens < self.max_model_len:
+        if self.max_num_batched_tokens < self.max_model_len and not enable_chunked_prefill:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
-                             f"max_model_len ({self.max_model_len}): a whole prompt is prefilled in one step")
+                             f"max_model_len ({self.max_model_len}): a whole prompt is prefilled in one step "
+                             "(or pass enable_chunked_prefill=True)")
         self.block_size, self.kv_cache_dtype = block_size, kv_cache_dtype
         self.eos_token_id = cfg.eos_token_id if cfg.eos_token_id is not None else \
             getattr(self.tokenizer, "eos_token_id", None)
@@ -105,7 +107,7 @@ class LLM:
         self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching,
                                           on_discard=getattr(self.cache, "discard_block", None))
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens,
-                                   scheduling_policy)
+                                   scheduling_policy, enable_chunked_prefill)
         self.runner = ModelRunner(self.model, self.cache)
         self.metrics = EngineMetrics()
         self._generators: dict[int, torch.Generator] = {}
@@ -205,6 +207,11 @@ class LLM:
                 raise RuntimeError("no request could be scheduled although the engine is idle")
             return []
         logits = self.runner.run(seqs)
+        done = [i for i, s in enumerate(seqs) if s.num_computed_tokens == len(s)]  # not mid-prompt
+        if len(done) < len(seqs):
+            seqs, logits = [seqs[i] for i in done], logits[done]
+            if not seqs:
+                return []
         tokens = sample(logits, [s.sampling_params for s in seqs],
                         [self._generators.get(s.seq_id) for s in seqs])
         now = time.perf_counter()

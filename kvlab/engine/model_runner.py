@@ -4,7 +4,8 @@ All new tokens of all scheduled sequences are concatenated into one row (B = 1, 
 their absolute positions for RoPE. The paged cache gets the step's AttentionMetadata: where each
 new token's K/V goes (slot mapping), which rows belong to which sequence (query_start_loc), how
 long each context is, and each sequence's block table. Logits are computed only for the last new
-token of each sequence, the one that predicts its next token.
+token of each sequence, the one that predicts its next token (the engine samples it only when the
+sequence's tokens are all computed: not after a chunk that ends inside the prompt).
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ class ModelRunner:
         bs = self.block_size
         input_ids, positions, slots, qsl, ctx = [], [], [], [0], []
         for seq in seqs:
-            start, end = seq.num_computed_tokens, len(seq)
-            if not 0 <= start < end:
+            start = seq.num_computed_tokens
+            end = start + seq.num_scheduled_tokens
+            if not 0 <= start < end <= len(seq):
                 raise RuntimeError(f"sequence {seq.seq_id} has no token to compute ({start}..{end})")
             if len(seq.block_table) * bs < end:
                 raise RuntimeError(f"sequence {seq.seq_id}: {len(seq.block_table)} blocks cannot "
@@ -62,5 +64,5 @@ class ModelRunner:
         finally:
             self.cache.metadata = None
         for seq in seqs:
-            seq.num_computed_tokens = len(seq)
+            seq.num_computed_tokens += seq.num_scheduled_tokens
         return logits

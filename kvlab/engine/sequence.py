@@ -5,9 +5,10 @@ each step) or FINISHED. Preemption by recompute sends a RUNNING sequence back to
 blocks freed; when it is admitted again, prompt *and* already generated tokens are prefilled in one
 pass, which rebuilds exactly the K/V it lost (Kwon et al., 2023, section 4.5).
 
-`num_computed_tokens` counts the tokens whose K/V are in the cache. A step computes the tokens
-from there to the end: the whole prompt at admission (less what the prefix cache already holds,
-`num_cached_tokens`), then one token per decode step.
+`num_computed_tokens` counts the tokens whose K/V are in the cache. A step computes the next
+`num_scheduled_tokens` of them (set by the scheduler): the whole prompt at admission (less what the
+prefix cache already holds, `num_cached_tokens`), or, with chunked prefill, the prompt in chunks
+over several steps; then one token per decode step.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_cached_tokens = 0      # prefix-cache hits at admission (set by the block manager)
         self.num_computed_tokens = 0    # tokens whose K/V are in the cache
+        self.num_scheduled_tokens = 0   # tokens the coming step computes (set by the scheduler)
         self.finish_reason: str | None = None
         self.text = ""                  # completion text, set when a stop string ends it
         self.stopped_by_string = False

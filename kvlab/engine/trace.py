@@ -113,8 +113,9 @@ class EngineTracer:
         slots = meta.slot_mapping.tolist()
         rows = []
         for i, seq in enumerate(seqs):
-            start, end = seq.num_computed_tokens, len(seq)
-            admitted = start == seq.num_cached_tokens     # the scheduler starts a newcomer at its hit
+            start = seq.num_computed_tokens
+            end = start + seq.num_scheduled_tokens
+            admitted = end - start > 1 or start == seq.num_cached_tokens   # prompt (or a chunk of it)
             rows.append(ScheduledSeq(seq.request_id, "prefill" if admitted else "decode", start, end,
                                      seq.num_cached_tokens, list(seq.block_table), slots[qsl[i]:qsl[i + 1]]))
             assert all(s // bs == seq.block_table[p // bs] for p, s in zip(range(start, end), rows[-1].slots))
