@@ -74,8 +74,9 @@ class Scheduler:
         bm = self.block_manager
         # 1. decodes: every running sequence needs a slot for its newest token
         #    (chunked prefill: sequences still in their prompt continue in step 2)
-        prefilling = [s for s in self.running if len(s) - s.num_computed_tokens > 1]
-        queue = [s for s in self.running if len(s) - s.num_computed_tokens <= 1]
+        chunked = self.enable_chunked_prefill
+        prefilling = [s for s in self.running if chunked and len(s) - s.num_computed_tokens > 1]
+        queue = [s for s in self.running if s not in prefilling]
         decodes, preempted = [], False
         while queue:
             seq = queue.pop(0)
@@ -110,7 +111,6 @@ class Scheduler:
             if sorted(s.seq_id for s in ordered) != sorted(s.seq_id for s in self.waiting):
                 raise ValueError("scheduling_policy must return a reordering of the waiting list")
             self.waiting = deque(ordered)
-            chunked = self.enable_chunked_prefill
             while self.waiting and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
                 room = self.max_num_batched_tokens - num_tokens
