@@ -27,7 +27,7 @@ class ModelRunner:
         input_ids, positions, slots, qsl, ctx = [], [], [], [0], []
         for seq in seqs:
             start = seq.num_computed_tokens
-            end = start + seq.num_scheduled_tokens
+            end = start + seq.num_scheduled_tokens if seq.num_scheduled_tokens else len(seq)
             if not 0 <= start < end <= len(seq):
                 raise RuntimeError(f"sequence {seq.seq_id} has no token to compute ({start}..{end})")
             if len(seq.block_table) * bs < end:
@@ -63,6 +63,8 @@ class ModelRunner:
             logits = self.model(ids, positions=pos, cache=self.cache, logit_indices=logit_indices)
         finally:
             self.cache.metadata = None
-        for seq in seqs:
-            seq.num_computed_tokens += seq.num_scheduled_tokens
+        for seq in seqs:   # num_scheduled_tokens is per step; 0 (not set) means "all the rest"
+            seq.num_computed_tokens = (seq.num_computed_tokens + seq.num_scheduled_tokens
+                                       if seq.num_scheduled_tokens else len(seq))
+            seq.num_scheduled_tokens = 0
         return logits

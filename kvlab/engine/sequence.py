@@ -42,7 +42,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_cached_tokens = 0      # prefix-cache hits at admission (set by the block manager)
         self.num_computed_tokens = 0    # tokens whose K/V are in the cache
-        self.num_scheduled_tokens = 0   # tokens the coming step computes (set by the scheduler)
+        self.num_scheduled_tokens = 0   # tokens the coming step computes (scheduler; 0: all the rest)
         self.finish_reason: str | None = None
         self.text = ""                  # completion text, set when a stop string ends it
         self.stopped_by_string = False

@@ -114,7 +114,7 @@ class EngineTracer:
         rows = []
         for i, seq in enumerate(seqs):
             start = seq.num_computed_tokens
-            end = start + seq.num_scheduled_tokens
+            end = start + seq.num_scheduled_tokens if seq.num_scheduled_tokens else len(seq)
             admitted = end - start > 1 or start == seq.num_cached_tokens   # prompt (or a chunk of it)
             rows.append(ScheduledSeq(seq.request_id, "prefill" if admitted else "decode", start, end,
                                      seq.num_cached_tokens, list(seq.block_table), slots[qsl[i]:qsl[i + 1]]))
