@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from _table import markdown_table
 
 import kvlab
 from kvlab.machine import machine_info
@@ -111,11 +112,7 @@ def main(argv=None):
         r["wall_vs_whole"] = r["wall_s"] / base["wall_s"]
     cols = ["engine", "steps", "wall_s", "itl_median_ms", "itl_p95_ms", "itl_max_ms", "itl_max_vs_whole",
             "ttft_long_median_ms", "ttft_long_vs_whole", "wall_vs_whole", "outputs_equal_to_whole"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c])
-                                       for c in cols) + " |")
-    table = "\n".join(lines)
+    table = markdown_table(rows, cols)
     print(table)
     if a.smoke:
         return rows

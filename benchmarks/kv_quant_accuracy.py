@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from _table import markdown_table
 
 import kvlab
 from kvlab.machine import machine_info
@@ -206,11 +207,7 @@ def main(argv=None):
     secs = time.perf_counter() - t0
     cols = ("format", "ppl", "ppl_change_pct", "kl_nats", "greedy_agreement",
             "mean_tokens_to_first_diff", "bytes_per_token", "gain_vs_bf16", "gain_vs_fp32")
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c])
-                                       for c in cols) + " |")
-    table = "\n".join(lines)
+    table = markdown_table(rows, cols)
     print(table)
     verdict = against_goals(rows)
     print(verdict)
