@@ -7,17 +7,17 @@ Llama-3-8B's head layout (32 query heads, 8 KV heads, head dim 128), one decode 
 every sequence `ctx` tokens long, blocks of 16 tokens scattered at random over the pool. For each
 batch x context it times, with triton.testing.do_bench (median; L2 flushed between repeats):
 
-  kvlab v3 (split-K) on bf16, int8, fp8 and int4 caches, v1, v2 on bf16 (kvlab.kernels)
+  kvlab v3 (split-K) on bf16, int8, fp8, int4 and int2 caches, v1, v2 on bf16 (kvlab.kernels)
   SDPA on a contiguous [B, Hkv, ctx, D] cache                            (F.scaled_dot_product_attention)
   FlexAttention over a paged cache (128-token pages)                     (where this torch has it)
   the PyTorch gather reference                                           (kvlab.attention.paged_torch)
 
 Achieved bandwidth counts the bytes that must be read once: K and V of every context token (plus
-int8 scales; int4 codes, scales, zeros and each sequence's full-precision residual block), q and
-the output. The int4 cache (KIVI layout, kvlab/kernels/reshape_and_cache_int4.py) holds random
-codes and scales, with each sequence's last block in the bf16 residual pool as during a real decode
-step; its output is checked against the gather reference over the cache kvlab.quant.int4
-dequantizes. The device-to-device copy bandwidth, measured in the same run
+int8 scales; int4 / int2 codes, scales, zeros and each sequence's full-precision residual block), q
+and the output. The int4 and int2 caches (KIVI layout, kvlab/kernels/reshape_and_cache_int4.py)
+hold random codes and scales, with each sequence's last block in the bf16 residual pool as during a
+real decode step; their outputs are checked against the gather reference over the cache
+kvlab.quant.int4 dequantizes. The device-to-device copy bandwidth, measured in the same run
 (bytes read + bytes written), is the practical ceiling. Results: <out>.json and <out>.md.
 """
 from __future__ import annotations
@@ -79,29 +79,32 @@ def fp8_cache(k):
     return (k * 0.5).to(torch.float8_e4m3fn), torch.ones(HKV, device="cuda")
 
 
-def int4_cache(bt, g):
-    """Random int4 codes, scales and zeros for NB blocks; each sequence's last block (the one a
-    decode step writes) in the bf16 residual pool. Returns (k_codes, v_codes, kwargs, bytes)."""
+def int4_cache(bt, g, bits=4):
+    """Random int4 (bits=2: int2) codes, scales and zeros for NB blocks; each sequence's last block
+    (the one a decode step writes) in the bf16 residual pool. Returns (k_codes, v_codes, k_scale,
+    v_scale, kwargs, bytes)."""
     NB, B = bt.numel(), bt.shape[0]
     kw = dict(device="cuda", generator=g)
-    codes = [torch.randint(0, 256, (NB, BS, HKV, D // 2), dtype=torch.uint8, **kw) for _ in "kv"]
+    codes = [torch.randint(0, 256, (NB, BS, HKV, D * bits // 8), dtype=torch.uint8, **kw) for _ in "kv"]
     ks = (torch.rand(NB, HKV, D, **kw) * 0.2 + 0.05).half()
     vs = (torch.rand(NB, BS, HKV, D // 32, **kw) * 0.2 + 0.05).half()
     res_slot = torch.full((NB,), -1, device="cuda", dtype=torch.int32)
     res_slot[bt[:, -1].long()] = torch.arange(B, device="cuda", dtype=torch.int32)
     res = [torch.randn(B, BS, HKV, D, dtype=torch.bfloat16, **kw) for _ in "kv"]
-    args = dict(k_zero=(-7.5 * ks).half(), v_zero=(-7.5 * vs).half(), k_res=res[0], v_res=res[1],
+    mid = -((1 << bits) - 1) / 2                     # zero = -(levels / 2) * scale: codes centred on 0
+    args = dict(k_zero=(mid * ks).half(), v_zero=(mid * vs).half(), k_res=res[0], v_res=res[1],
                 res_slot=res_slot)
     nbytes = 2 * codes[0].numel() + 2 * (ks.numel() + vs.numel()) * 2 + NB * 4
     return codes[0], codes[1], ks, vs, args, nbytes
 
 
-def int4_reference_error(q, bt, ctx, scale, g):
-    """v3 on a random int4 cache against the gather reference over kvlab.quant.int4's dequantization."""
+def int4_reference_error(q, bt, ctx, scale, g, bits=4):
+    """v3 on a random int4 (int2) cache against the gather reference over kvlab.quant.int4's
+    dequantization."""
     from kvlab.quant import int4
-    kc, vc, ks, vs, a, _ = int4_cache(bt, g)
-    kd = int4.dequantize_keys(kc, ks, a["k_zero"], torch.bfloat16)
-    vd = int4.dequantize_values(vc, vs, a["v_zero"], torch.bfloat16)
+    kc, vc, ks, vs, a, _ = int4_cache(bt, g, bits)
+    kd = int4.dequantize_keys(kc, ks, a["k_zero"], torch.bfloat16, bits)
+    vd = int4.dequantize_values(vc, vs, a["v_zero"], torch.bfloat16, bits)
     rows = a["res_slot"] >= 0
     kd[rows], vd[rows] = a["k_res"][a["res_slot"][rows].long()], a["v_res"][a["res_slot"][rows].long()]
     ref = paged_torch.paged_decode_attention(q, kd, vd, bt, ctx, scale)
@@ -154,8 +157,10 @@ def run(args):
     kf8, sf8 = fp8_cache(k)
     vf8, _ = fp8_cache(v)
     k4, v4, ks4, vs4, a4, _ = int4_cache(bt, g)
+    k2, v2, ks2, vs2, a2, _ = int4_cache(bt, g, bits=2)
     caches = {"bf16": (k, v, None, None, {}), "int8": (k8, v8, ks8, vs8, {}),
-              "fp8": (kf8, vf8, sf8, sf8, {}), "int4": (k4, v4, ks4, vs4, a4)}
+              "fp8": (kf8, vf8, sf8, sf8, {}), "int4": (k4, v4, ks4, vs4, a4),
+              "int2": (k2, v2, ks2, vs2, a2)}
     best = {}
     for fmt, (kc, vc, ks, vs, extra) in caches.items():
         t = {}
@@ -174,11 +179,12 @@ def run(args):
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     notes.append(f"v3 bf16 vs gather reference at B=32, ctx=8192: relative error {err:.2e}")
     print(notes[-1])
-    k4 = v4 = ks4 = vs4 = a4 = None
-    err = int4_reference_error(q, bt, ctx, scale, g)
-    notes.append(f"v3 int4 vs gather reference over kvlab.quant.int4's dequantization at B=32, "
-                 f"ctx=8192: relative error {err:.2e}")
-    print(notes[-1])
+    k4 = v4 = ks4 = vs4 = a4 = k2 = v2 = ks2 = vs2 = a2 = None
+    for bits in (4, 2):
+        err = int4_reference_error(q, bt, ctx, scale, g, bits)
+        notes.append(f"v3 int{bits} vs gather reference over kvlab.quant.int4's dequantization at "
+                     f"B=32, ctx=8192: relative error {err:.2e}")
+        print(notes[-1])
     k = v = k8 = v8 = kf8 = vf8 = caches = None   # free the memory before the next configuration
     torch.cuda.empty_cache()
 
@@ -219,6 +225,10 @@ def run(args):
             res["kvlab_v3_int4"] = (bench(v3(k4, v4, ks4, vs4, "int4", **a4)),
                                     b4 + 2 * B * BS * HKV * D * 2 + io)   # + residual blocks
             k4 = v4 = ks4 = vs4 = a4 = None   # free the memory before the next configuration
+            k2, v2, ks2, vs2, a2, b2 = int4_cache(bt, g, bits=2)
+            res["kvlab_v3_int2"] = (bench(v3(k2, v2, ks2, vs2, "int2", **a2)),
+                                    b2 + 2 * B * BS * HKV * D * 2 + io)   # + residual blocks
+            k2 = v2 = ks2 = vs2 = a2 = None   # free the memory before the next configuration
             kc = k.view(B, L, HKV, D).transpose(1, 2).contiguous()     # SDPA's contiguous cache
             vc = v.view(B, L, HKV, D).transpose(1, 2).contiguous()
             res["sdpa_contiguous_bf16"] = (bench(lambda: F.scaled_dot_product_attention(

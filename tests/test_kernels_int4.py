@@ -1,8 +1,9 @@
-"""int4 (KIVI) in the Triton kernels: the cache write (reshape_and_cache_int4) against
+"""int4 and int2 (KIVI) in the Triton kernels: the cache write (reshape_and_cache_int4) against
 kvlab.quant.int4 bit for bit, and the fused-dequantization decode (v3) against float64 attention
 over the cache kvlab.quant dequantizes, residual window included; prefill through
 kvlab.attention.paged_triton; and kvlab.quant.paged's int4 cache on the triton backend (the fused
-kernels) against the same cache on the torch backend, alone and inside kvlab.LLM.
+kernels) against the same cache on the torch backend. int2 is the same kernels with 2-bit codes
+(four per byte): each test that has a `bits` parameter runs both.
 (tests/test_kernels_quant_engine.py does the same for int8 and fp8, and checks every stored byte.)
 
 Under TRITON_INTERPRET=1 (CI) they run on the CPU with fp32/fp16 operands; with --gpu on CUDA.
@@ -28,7 +29,7 @@ BS = 16
 LENS = [1, BS - 1, BS, 300]
 
 
-def int4_cache(lens, Hkv, D, bs=BS, dtype=torch.float32, seed=0, sealed_this_step=()):
+def int4_cache(lens, Hkv, D, bs=BS, dtype=torch.float32, seed=0, sealed_this_step=(), bits=4):
     """A random paged cache quantized by kvlab.quant.int4, with each sequence's partial last block
     (and the last block of the sequences in `sealed_this_step`) in a full-precision residual pool,
     as kvlab.quant.paged holds it during a step's attention. Returns the kernel's arguments and the
@@ -36,9 +37,10 @@ def int4_cache(lens, Hkv, D, bs=BS, dtype=torch.float32, seed=0, sealed_this_ste
     k, v, bt, ctx = random_paged(lens, Hkv, D, bs, seed=seed)
     g = torch.Generator().manual_seed(seed)                      # outlier channels, offsets
     k = k * (torch.rand(D, generator=g) * 3).to(DEVICE) + torch.randn(D, generator=g).to(DEVICE)
-    kc, ks, kz = int4.quantize_keys(k)
-    vc, vs, vz = int4.quantize_values(v)
-    kd, vd = int4.dequantize_keys(kc, ks, kz, dtype), int4.dequantize_values(vc, vs, vz, dtype)
+    kc, ks, kz = int4.quantize_keys(k, bits)
+    vc, vs, vz = int4.quantize_values(v, bits=bits)
+    kd, vd = (int4.dequantize_keys(kc, ks, kz, dtype, bits),
+              int4.dequantize_values(vc, vs, vz, dtype, bits))
     NB = k.shape[0]
     res_slot = torch.full((NB,), -1, dtype=torch.int32, device=DEVICE)
     res_blocks = [int(bt[s, (n - 1) // bs]) for s, n in enumerate(lens)
@@ -65,11 +67,11 @@ def decode(q, kc, vc, bt, ctx, args, **kw):
 
 
 # ---- the cache write ------------------------------------------------------------------------
-def empty_int4(NB, bs, Hkv, D, R, dtype=torch.float32):
-    """An int4 cache and residual pool filled with NaN / 0xFF poison; res_slot all -1."""
+def empty_int4(NB, bs, Hkv, D, R, dtype=torch.float32, bits=4):
+    """An int4 (int2) cache and residual pool filled with NaN / 0xFF poison; res_slot all -1."""
     f16 = dict(device=DEVICE, dtype=torch.float16)
     NG = D // int4.value_group(D)
-    kc = torch.full((NB, bs, Hkv, D // 2), 0xFF, device=DEVICE, dtype=torch.uint8)
+    kc = torch.full((NB, bs, Hkv, D * bits // 8), 0xFF, device=DEVICE, dtype=torch.uint8)
     args = dict(k_scale=torch.full((NB, Hkv, D), float("nan"), **f16),
                 v_scale=torch.full((NB, bs, Hkv, NG), float("nan"), **f16),
                 k_res=torch.full((R, bs, Hkv, D), float("nan"), device=DEVICE, dtype=dtype),
@@ -93,9 +95,14 @@ def hard_tokens(N, Hkv, D, seed):
     return k.to(DEVICE), v.to(DEVICE)
 
 
-@pytest.mark.parametrize("D,bs,Hkv,dtype", [(64, 16, 2, torch.float32), (128, 8, 3, torch.float32),
-                                            (16, 4, 1, torch.float32), (64, 16, 2, torch.float16)])
-def test_write_bit_identical(D, bs, Hkv, dtype):
+@pytest.mark.parametrize("D,bs,Hkv,dtype,bits", [(64, 16, 2, torch.float32, 4),
+                                                 (128, 8, 3, torch.float32, 4),
+                                                 (16, 4, 1, torch.float32, 4),
+                                                 (64, 16, 2, torch.float16, 4),
+                                                 (64, 16, 2, torch.float32, 2),
+                                                 (16, 4, 1, torch.float32, 2),
+                                                 (128, 8, 3, torch.float16, 2)])
+def test_write_bit_identical(D, bs, Hkv, dtype, bits):
     """Three blocks filled by one packed write (as a prefill does), one left partial: the filled
     blocks hold exactly kvlab.quant.int4's bytes, scales and zeros; the partial one is untouched
     in the quantized cache and sits, in full precision, in its residual row."""
@@ -107,16 +114,17 @@ def test_write_bit_identical(D, bs, Hkv, dtype):
     slots = torch.cat([slots, torch.tensor([-1], device=DEVICE)])  # padding: never written
     k = torch.cat([k, torch.full_like(k[:1], float("nan"))])
     v = torch.cat([v, torch.full_like(v[:1], float("nan"))])
-    kc, vc, a = empty_int4(NB, bs, Hkv, D, R=5, dtype=dtype)
+    kc, vc, a = empty_int4(NB, bs, Hkv, D, R=5, dtype=dtype, bits=bits)
     for r, b in enumerate(blocks):
         a["res_slot"][b] = r
     reshape_and_cache(k, v, kc, vc, slots, **a)                    # dispatches on the uint8 cache
     assert sealed_blocks(slots, bs).tolist() == blocks[:3]
     for i, b in enumerate(blocks[:3]):
         kb, vb = k[i * bs:(i + 1) * bs], v[i * bs:(i + 1) * bs]
-        for got, want in zip((kc[b], a["k_scale"][b], a["k_zero"][b]), int4.quantize_keys(kb)):
+        for got, want in zip((kc[b], a["k_scale"][b], a["k_zero"][b]), int4.quantize_keys(kb, bits)):
             assert torch.equal(got, want)
-        for got, want in zip((vc[b], a["v_scale"][b], a["v_zero"][b]), int4.quantize_values(vb)):
+        for got, want in zip((vc[b], a["v_scale"][b], a["v_zero"][b]),
+                             int4.quantize_values(vb, bits=bits)):
             assert torch.equal(got, want)
         assert torch.equal(a["k_res"][i], kb) and torch.equal(a["v_res"][i], vb)
     half = bs // 2                                                 # the partial block 5
@@ -126,18 +134,20 @@ def test_write_bit_identical(D, bs, Hkv, dtype):
     assert torch.isnan(a["k_res"][4]).all()                        # the spare row
 
 
-def test_write_token_by_token_equals_one_write():
+@pytest.mark.parametrize("bits", [4, 2])
+def test_write_token_by_token_equals_one_write(bits):
     """A block filled one decode step at a time is quantized to the same bytes as in one write."""
     bs, Hkv, D = 4, 2, 32
     k, v = hard_tokens(bs, Hkv, D, seed=1)
-    kc, vc, a = empty_int4(3, bs, Hkv, D, R=1)
+    kc, vc, a = empty_int4(3, bs, Hkv, D, R=1, bits=bits)
     a["res_slot"][1] = 0
     for t in range(bs):
         s = torch.tensor([bs + t], device=DEVICE)
         reshape_and_cache_int4(k[t:t + 1], v[t:t + 1], kc, vc, s, **a)
         assert sealed_blocks(s, bs).numel() == (t == bs - 1)
         assert torch.isnan(a["k_scale"][1]).all() == (t < bs - 1)
-    assert torch.equal(kc[1], int4.quantize_keys(k)[0]) and torch.equal(vc[1], int4.quantize_values(v)[0])
+    assert torch.equal(kc[1], int4.quantize_keys(k, bits)[0])
+    assert torch.equal(vc[1], int4.quantize_values(v, bits=bits)[0])
 
 
 def test_write_rejects_bad_inputs():
@@ -170,11 +180,13 @@ def test_write_rejects_bad_inputs():
 
 
 # ---- fused dequantization in decode ---------------------------------------------------------
-@pytest.mark.parametrize("group,D", [(1, 64), (3, 128), (4, 64), (3, 64), (1, 128)])
-def test_decode_matches_reference(group, D):
+@pytest.mark.parametrize("group,D,bits", [(1, 64, 4), (3, 128, 4), (4, 64, 4), (3, 64, 4),
+                                          (1, 128, 4), (3, 64, 2), (4, 128, 2), (1, 16, 2)])
+def test_decode_matches_reference(group, D, bits):
     """Lengths 1, BS - 1, BS and 300 in one batch; the full last block of the third sequence was
     sealed this step (read from its residual row); the quantized data of residual blocks is NaN."""
-    kc, vc, args, kd, vd, bt, ctx = int4_cache(LENS, 2, D, seed=D + group, sealed_this_step=(2,))
+    kc, vc, args, kd, vd, bt, ctx = int4_cache(LENS, 2, D, seed=D + group, sealed_this_step=(2,),
+                                               bits=bits)
     q = torch.randn(len(LENS), 2 * group, D, device=DEVICE)
     ref = reference_decode(q, kd, vd, bt, ctx)
     assert rel_err(decode(q, kc, vc, bt, ctx, args), ref) < 1e-5
@@ -192,22 +204,24 @@ def test_decode_fp16_and_odd_block_size():
     assert rel_err(out, reference_decode(q, kd, vd, bt, ctx)) < 5e-3
 
 
-def test_decode_bf16_query():
+@pytest.mark.parametrize("bits", [4, 2])
+def test_decode_bf16_query(bits):
     """bf16 queries and residual pool: the dots run in fp16 (see decode_attention_v3)."""
     lens = [3, 70]
-    kc, vc, args, kd, vd, bt, ctx = int4_cache(lens, 2, 64, dtype=torch.bfloat16, seed=9)
+    kc, vc, args, kd, vd, bt, ctx = int4_cache(lens, 2, 64, dtype=torch.bfloat16, seed=9, bits=bits)
     q = torch.randn(len(lens), 8, 64, device=DEVICE).bfloat16()
     out = decode(q, kc, vc, bt, ctx, args)
     assert out.dtype == torch.bfloat16
     assert rel_err(out, reference_decode(q, kd, vd, bt, ctx)) < 1e-2
 
 
-def test_prefill_over_cached_int4_prefix():
+@pytest.mark.parametrize("bits", [4, 2])
+def test_prefill_over_cached_int4_prefix(bits):
     """paged_triton.paged_prefill_attention on an int4 cache: chunks whose prefix is in sealed
     blocks and whose own tokens are in the residual pool (a decode, a full prompt, a chunk after
     a cached prefix), against causal attention over the cache kvlab.quant reads."""
     lens, q_lens = [40, 1, 12, 35], [8, 1, 12, 3]
-    kc, vc, args, kd, vd, bt, ctx = int4_cache(lens, 2, 64, seed=11)
+    kc, vc, args, kd, vd, bt, ctx = int4_cache(lens, 2, 64, seed=11, bits=bits)
     qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
     q = torch.randn(sum(q_lens), 6, 64, device=DEVICE)
     out = paged_triton.paged_prefill_attention(q, kc, vc, bt, qsl, ctx, scale_for(64), **args)
@@ -225,6 +239,9 @@ def test_decode_rejects_bad_inputs():
         paged_decode_attention_v3(q, kc, vc, bt, ctx, s, **{**args, "res_slot": None})
     with pytest.raises(ValueError, match="head dim / 2"):
         paged_decode_attention_v3(torch.randn(2, 4, 32, device=DEVICE), kc, vc, bt, ctx, s, **args)
+    with pytest.raises(ValueError, match="head dim / 4 = 16, got 8"):    # neither 4 nor 2 bits
+        paged_decode_attention_v3(q, kc[..., :8].contiguous(), vc[..., :8].contiguous(), bt, ctx,
+                                  s, **args)
     with pytest.raises(TypeError, match="k_res must have dtype"):    # the pool is in q's dtype
         paged_decode_attention_v3(q.half(), kc, vc, bt, ctx, s, **args)
     with pytest.raises(ValueError, match="k_zero has shape"):
@@ -236,13 +253,14 @@ def test_decode_rejects_bad_inputs():
 
 
 # ---- the engine's int4 step: kvlab.quant.paged on the triton backend -----------------------
-def test_engine_steps_equal_quantized_paged_cache():
+@pytest.mark.parametrize("fmt", ["int4", "int2"])
+def test_engine_steps_equal_quantized_paged_cache(fmt):
     """A packed prefill (prompts of 6 and 3 tokens, a block filled inside it) then 6 decode steps,
     blocks of 4, a residual pool of 2 rows that must grow: every step's attention output on the
     triton backend (fused kernels) matches the torch backend, and the quantized blocks hold the
     same bytes, scales and zeros."""
     NB, bs, Hkv, group, D = 10, 4, 2, 3, 32
-    ref, fused = (QuantizedPagedKVCache(1, NB, bs, Hkv, D, kv_cache_dtype="int4", device=DEVICE,
+    ref, fused = (QuantizedPagedKVCache(1, NB, bs, Hkv, D, kv_cache_dtype=fmt, device=DEVICE,
                                         attention_backend=b) for b in ("torch", "triton"))
     for c in (ref, fused):                        # start small so that the pool has to grow
         c.residual = paged_triton.Int4Residual.create(1, NB, bs, Hkv, D, c.dtype, DEVICE, rows=2)

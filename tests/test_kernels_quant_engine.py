@@ -1,7 +1,8 @@
 """kvlab.quant.paged's quantized cache on the fused Triton path against the same cache on the torch
-backend, for int8, fp8 and int4: after the same steps both hold the same bytes (codes, scales, zero
-points, int4's residual rows), their attention outputs agree to float rounding, kvlab.LLM's greedy
-tokens are equal, and the triton backend never quantizes or dequantizes in PyTorch.
+backend, for int8, fp8, int4 and int2: after the same steps both hold the same bytes (codes,
+scales, zero points, int4's and int2's residual rows), their attention outputs agree to float
+rounding, kvlab.LLM's greedy tokens are equal, and the triton backend never quantizes or
+dequantizes in PyTorch.
 
 Under TRITON_INTERPRET=1 (CI) on the CPU with fp32 operands; with --gpu on CUDA.
 """
@@ -19,11 +20,13 @@ from kvlab.cache.paged import AttentionMetadata
 from kvlab.quant import fp8, int4, int8
 from kvlab.quant.paged import QuantizedPagedKVCache
 
-FORMATS = ["int8", "fp8", "int4"]
+FORMATS = ["int8", "fp8", "int4", "int2"]
 STORAGE = {"int8": ("k_cache", "v_cache", "k_scale", "v_scale"),
            "fp8": ("k_cache", "v_cache"),
            "int4": ("k_cache", "v_cache", "k_scale", "v_scale", "k_zero", "v_zero")}
-QUANT_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn, "int4": torch.uint8}
+STORAGE["int2"] = STORAGE["int4"]
+QUANT_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn, "int4": torch.uint8, "int2": torch.uint8}
+KIVI = ("int4", "int2")
 
 
 def caches(fmt, L, NB, bs, Hkv, D, **kw):
@@ -51,7 +54,7 @@ def assert_same_bytes(fmt, a, b, where):
             if x.dtype == torch.float8_e4m3fn:
                 x, y = x.view(torch.uint8), y.view(torch.uint8)
             assert torch.equal(x, y), f"{where}: {name}[{layer}] differs"
-    if fmt == "int4":
+    if fmt in KIVI:
         ra, rb = a.residual, b.residual
         assert torch.equal(ra.res_slot, rb.res_slot) and ra.free == rb.free, where
         for x, y in zip(ra.k_res + ra.v_res, rb.k_res + rb.v_res):
@@ -88,7 +91,7 @@ def test_steps_store_same_bytes(fmt):
             out = [c.attend(layer, q, k, v) for c in (ref, fused)]
             assert rel_err(out[1], out[0].double()) < 1e-5, (i, layer)
         assert_same_bytes(fmt, ref, fused, f"step {i}")
-    if fmt == "int4":
+    if fmt in KIVI:
         # sealed: 3, 7, 1 and 5, 0 in phase 1; 9 (its old row reused) and 7 again in phase 2,
         # whose 8 tokens fill both blocks: no row stays in use
         assert fused.residual.res_slot.eq(-1).all() and fused.num_residual_blocks == 0

@@ -264,10 +264,3 @@ def test_int4_engine_gives_residual_rows_back(tiny_model, prefix_caching):
     assert all(len(o.outputs[0].token_ids) == 6 for o in outs)
     assert llm.cache.num_residual_blocks == 0
     assert llm.block_manager.num_free_blocks == llm.num_kv_blocks
-
-
-def test_int2_runs_on_the_torch_backend_only(tiny_config):
-    c = tiny_config
-    with pytest.raises(ValueError, match="int2' has no Triton kernels; use attention_backend='torch'"):
-        QuantizedPagedKVCache(c.num_layers, 4, 4, c.num_kv_heads, c.head_dim, kv_cache_dtype="int2",
-                              attention_backend="triton")

@@ -8,7 +8,8 @@ Quantized caches (int8, float8_e4m3fn) take two extra keyword arguments, `k_scal
 (docs/architecture.md, section 4); for a model-dtype cache they stay None. An int4 cache (uint8,
 two channels per byte) takes k_scale, v_scale and five more: k_zero, v_zero, the full-precision
 residual pool k_res, v_res [R, BS, Hkv, D] and res_slot int32 [NB] (block -> residual row, -1 once
-quantized); kvlab/kernels/reshape_and_cache_int4.py describes them. The int4 write quantizes a
+quantized); kvlab/kernels/reshape_and_cache_int4.py describes them. An int2 cache is the same with
+four channels per byte (last dimension D/4). The int4 write quantizes a
 block as soon as its last slot is written but leaves its residual row mapped, so this step's
 attention still reads it in full precision, as kvlab.quant.paged does; after the attention the
 caller unmaps the blocks `int4_sealed_blocks(slot_mapping, block_size)` names. `Int4Residual`

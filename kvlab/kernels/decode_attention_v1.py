@@ -68,15 +68,16 @@ def _decode_v1_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, out_ptr, qk_scale,
 def check_decode_args(q, k_cache, v_cache, block_tables, context_lens, float_cache=True,
                       packed=False):
     """Shapes, dtypes, devices and contiguity of a paged decode launch; returns (S, Hq, Hkv, D, BS).
-    `packed`: an int4 cache, two channels per byte (last dimension D / 2)."""
+    `packed`: an int4 or int2 cache, two or four channels per byte (last dimension D / 2 or D / 4)."""
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
     S, Hq, D = q.shape
     check_head_dim(D)
     check_tensor("k_cache", k_cache, ndim=4, device=q.device)
     NB, BS, Hkv, Dk = k_cache.shape
-    if packed and Dk * 2 != D:
-        raise ValueError(f"an int4 k_cache packs two channels per byte: its last dimension must be "
-                         f"q's head dim / 2 = {D // 2}, got {Dk}")
+    if packed and Dk * 2 != D and Dk * 4 != D:
+        raise ValueError(f"a packed k_cache holds two channels per byte (int4) or four (int2): its "
+                         f"last dimension must be q's head dim / 2 = {D // 2} or head dim / 4 = "
+                         f"{D // 4}, got {Dk}")
     if not packed and Dk != D:
         raise ValueError(f"k_cache head dim {Dk} does not match q head dim {D}")
     if Hq % Hkv:

@@ -29,6 +29,8 @@ tile is converted in registers, and the scales are folded where they cost least:
         residual pool instead, as kvlab.quant.paged reads its residual window; only tiles that
         reach such a block load from the pool. The dots see the numbers kvlab.quant.int4
         dequantizes.
+  int2  (KIVI's 2-bit setting) the same tile with four codes per byte, unpacked by two rounds of
+        tl.interleave; the cache's last dimension (D / 4 instead of D / 2) selects it.
 With a bf16 q the two dots of a quantized cache run in fp16: int8 codes and e4m3 values are exact
 in fp16, which converts from them in fewer instructions than bf16 does, and dequantized int4
 values keep 3 more mantissa bits than bf16 (q and int4 values must then fit fp16's range,
@@ -57,17 +59,30 @@ def _int8_to_fp16(x):
 
 
 @triton.jit
+def _unpack(c, BITS: tl.constexpr):
+    """Bytes [N, E] -> codes [N, E * 8 / BITS] in channel order (kvlab.quant.int4.unpack_codes).
+    int4: low nibble = even channel. int2: channel 4j + i in bits 2i; interleaving (c0, c2) with
+    (c1, c3) puts them in the order c0 c1 c2 c3 of each byte."""
+    if BITS == 4:
+        return tl.interleave(c & 15, c >> 4)
+    else:
+        return tl.interleave(tl.interleave(c & 3, (c >> 4) & 3),
+                             tl.interleave((c >> 2) & 3, c >> 6))
+
+
+@triton.jit
 def _int4_tile(c_ptr, s_ptr, z_ptr, r_ptr, rs_ptr, blk, off, valid, kvh,
                Hkv: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-               KEYS: tl.constexpr, VG: tl.constexpr):
-    """Dequantized int4 tile [BLOCK_N, D] (float32); rows of residual blocks from the pool."""
+               KEYS: tl.constexpr, VG: tl.constexpr, BITS: tl.constexpr):
+    """Dequantized int4 / int2 tile [BLOCK_N, D] (float32); rows of residual blocks from the pool."""
     rrow = tl.load(rs_ptr + blk, mask=valid, other=-1)             # residual row, or -1: sealed
     quant = valid & (rrow < 0)
     tok = blk * BLOCK_SIZE + off
-    e = tl.arange(0, D // 2)
-    c = tl.load(c_ptr + ((tok * Hkv + kvh) * (D // 2))[:, None] + e[None, :],   # [NB, BS, Hkv, D/2]
+    E: tl.constexpr = D * BITS // 8                                # bytes per token and head
+    e = tl.arange(0, E)
+    c = tl.load(c_ptr + ((tok * Hkv + kvh) * E)[:, None] + e[None, :],   # [NB, BS, Hkv, E]
                 mask=quant[:, None], other=0)
-    code = tl.interleave(c & 15, c >> 4).to(tl.float32)            # low nibble = even channel
+    code = _unpack(c, BITS).to(tl.float32)
     if KEYS:   # per block, per channel: scale, zero [NB, Hkv, D]
         sz = (blk * Hkv + kvh)[:, None] * D + tl.arange(0, D)[None, :]
         sc = tl.load(s_ptr + sz, mask=quant[:, None], other=0.0).to(tl.float32)
@@ -96,7 +111,8 @@ def _decode_v3_partition_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kz_ptr, v
                                 BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
                                 BLOCK_N: tl.constexpr, PART: tl.constexpr, FMT: tl.constexpr,
                                 SCALE_STRIDE_H: tl.constexpr, PRECISION: tl.constexpr,
-                                FP16_DOT: tl.constexpr, DIRECT: tl.constexpr, VG: tl.constexpr):
+                                FP16_DOT: tl.constexpr, DIRECT: tl.constexpr, VG: tl.constexpr,
+                                BITS: tl.constexpr):
     s = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
@@ -126,7 +142,7 @@ def _decode_v3_partition_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kz_ptr, v
         row = blk * stride_cb + (pos % BLOCK_SIZE) * stride_ct + kvh * D
         if FMT == 3:
             k = _int4_tile(kc_ptr, ks_ptr, kz_ptr, kr_ptr, rs_ptr, blk, pos % BLOCK_SIZE, valid, kvh,
-                           Hkv, D, BLOCK_SIZE, BLOCK_N, True, VG)
+                           Hkv, D, BLOCK_SIZE, BLOCK_N, True, VG, BITS)
         else:
             k = tl.load(kc_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         if FMT == 1:
@@ -142,7 +158,7 @@ def _decode_v3_partition_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kz_ptr, v
         l = l * alpha + tl.sum(p, axis=1)
         if FMT == 3:
             v = _int4_tile(vc_ptr, vs_ptr, vz_ptr, vr_ptr, rs_ptr, blk, pos % BLOCK_SIZE, valid, kvh,
-                           Hkv, D, BLOCK_SIZE, BLOCK_N, False, VG)
+                           Hkv, D, BLOCK_SIZE, BLOCK_N, False, VG, BITS)
         else:
             v = tl.load(vc_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
         if FMT == 1:
@@ -206,9 +222,9 @@ def paged_decode_attention_v3(q, k_cache, v_cache, block_tables, context_lens, s
                               k_res=None, v_res=None, res_slot=None):
     """q [S, Hq, D]; caches [NB, BS, Hkv, D] in q's dtype, int8 or float8_e4m3fn (then with
     k_scale/v_scale as in docs/architecture.md section 4) -> [S, Hq, D] in q's dtype.
-    int4: uint8 caches [NB, BS, Hkv, D/2] with k_scale, k_zero [NB, Hkv, D], v_scale, v_zero
-    [NB, BS, Hkv, D/32] (float16), the residual pool k_res, v_res [R, BS, Hkv, D] in q's dtype
-    and res_slot int32 [NB] (reshape_and_cache_int4).
+    int4: uint8 caches [NB, BS, Hkv, D/2] (int2: [NB, BS, Hkv, D/4]) with k_scale, k_zero
+    [NB, Hkv, D], v_scale, v_zero [NB, BS, Hkv, D/32] (float16), the residual pool k_res, v_res
+    [R, BS, Hkv, D] in q's dtype and res_slot int32 [NB] (reshape_and_cache_int4).
 
     The grid is sized from block_tables.shape[1] * BS (an upper bound on the context that needs
     no device-to-host sync); `partition_size` (a multiple of block_n) overrides the heuristic.
@@ -217,13 +233,14 @@ def paged_decode_attention_v3(q, k_cache, v_cache, block_tables, context_lens, s
     S, Hq, Hkv, D, BS = check_decode_args(q, k_cache, v_cache, block_tables, context_lens,
                                           float_cache=fmt == FMT_FLOAT, packed=fmt == FMT_INT4)
     int4 = (k_zero, v_zero, k_res, v_res, res_slot)
+    bits = 4
     if fmt == FMT_INT4:
-        check_int4_cache(k_cache, v_cache, k_scale, v_scale, *int4, D, model_dtype=q.dtype)
+        bits = check_int4_cache(k_cache, v_cache, k_scale, v_scale, *int4, D, model_dtype=q.dtype)[3]
         per_head = 0
     else:
         if any(t is not None for t in int4):
-            raise ValueError("k_zero, v_zero, k_res, v_res, res_slot are only for an int4 (uint8) "
-                             f"cache, not {k_cache.dtype}")
+            raise ValueError("k_zero, v_zero, k_res, v_res, res_slot are only for an int4 or int2 "
+                             f"(uint8) cache, not {k_cache.dtype}")
         per_head = check_scales(fmt, k_cache, k_scale, v_scale)
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
@@ -250,7 +267,7 @@ def paged_decode_attention_v3(q, k_cache, v_cache, block_tables, context_lens, s
         BLOCK_G=max(16, next_pow2(Hq // Hkv)), BLOCK_N=block_n, PART=part, FMT=fmt,
         SCALE_STRIDE_H=per_head, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FP16_DOT=fmt != FMT_FLOAT and q.dtype == torch.bfloat16, DIRECT=P == 1, VG=value_group(D),
-        num_warps=num_warps, num_stages=num_stages)
+        BITS=bits, num_warps=num_warps, num_stages=num_stages)
     if P > 1:
         _decode_v3_reduce_kernel[(S * Hq,)](po, plse, out, P, D=D, BLOCK_P=next_pow2(P))
     return out

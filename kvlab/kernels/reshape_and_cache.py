@@ -16,7 +16,7 @@ Formats (docs/architecture.md, section 4), picked by the cache dtype:
                      +-448 and rounded to the nearest e4m3 value, ties to even, in float32 (_e4m3)
                      so that the cast to float8 is exact on every target (Triton's interpreter
                      rounds some casts wrongly: carries into the exponent, subnormals)
-  uint8 (int4)       KIVI's grouped format: keys are quantized per channel over a whole block, so
+  uint8 (int4, int2) KIVI's grouped format: keys are quantized per channel over a whole block, so
                      rows go to a full-precision residual pool first and a block is quantized when
                      its last slot is written; see reshape_and_cache_int4, which this dispatches to
 
@@ -113,14 +113,15 @@ def cache_format(cache: torch.Tensor) -> int:
     if cache.dtype == torch.uint8:
         return FMT_INT4
     raise ValueError(f"k_cache dtype {cache.dtype} is not a supported cache format "
-                     "(float32/float16/bfloat16, int8, float8_e4m3fn, uint8 = packed int4)")
+                     "(float32/float16/bfloat16, int8, float8_e4m3fn, uint8 = packed int4 or int2)")
 
 
 def check_scales(fmt: int, k_cache, k_scale, v_scale) -> int:
     """Validate the scale tensors for a cache format; returns the per-head stride for fp8 (0 or 1)."""
     NB, BS, H, _ = k_cache.shape
     if fmt == FMT_INT4:
-        raise ValueError("an int4 (uint8) cache is checked by reshape_and_cache_int4.check_int4_cache")
+        raise ValueError("an int4 or int2 (uint8) cache is checked by "
+                         "reshape_and_cache_int4.check_int4_cache")
     if fmt == FMT_FLOAT:
         if k_scale is not None or v_scale is not None:
             raise ValueError("k_scale/v_scale are only for int8 and fp8 caches")
@@ -147,14 +148,14 @@ def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     """Write k, v [N, Hkv, D] into slots `slot_mapping` [N] (int64) of [NB, BS, Hkv, D] caches.
 
     For an int8 cache, k_scale/v_scale [NB, BS, Hkv] float16 are written too; for fp8 they are
-    read (per tensor [] or per KV head [Hkv]). A uint8 cache is packed int4 and needs the keyword
+    read (per tensor [] or per KV head [Hkv]). A uint8 cache is packed int4 or int2 and needs the keyword
     arguments k_zero, v_zero, k_res, v_res, res_slot (reshape_and_cache_int4).
     """
     if isinstance(k_cache, torch.Tensor) and k_cache.dtype == torch.uint8:
         from kvlab.kernels.reshape_and_cache_int4 import reshape_and_cache_int4
         return reshape_and_cache_int4(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, **int4)
     if int4:
-        raise ValueError(f"{', '.join(sorted(int4))}: only for an int4 (uint8) cache, "
+        raise ValueError(f"{', '.join(sorted(int4))}: only for an int4 or int2 (uint8) cache, "
                          f"not {getattr(k_cache, 'dtype', type(k_cache).__name__)}")
     check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=3)
     N, H, D = k.shape

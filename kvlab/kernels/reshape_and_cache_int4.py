@@ -1,4 +1,4 @@
-"""The int4 (KIVI) cache write: rows into the residual window, complete blocks quantized in place.
+"""The int4 and int2 (KIVI) cache write: rows into the residual window, complete blocks quantized in place.
 
 int4 keys are quantized *per channel over a group of block_size tokens* (kvlab.quant.int4; Liu et
 al., 2024, "KIVI"), so a key cannot be quantized on its own: its scale depends on tokens that do
@@ -19,6 +19,10 @@ last slot of its block: read the block's BS full-precision rows back and write
             -> v_scale, v_zero [NB, BS, Hkv, D / 32]
     codes   q = round((x - zero) / scale) clamped to 0..15, two per byte, low nibble = even
             channel -> k_cache, v_cache uint8 [NB, BS, Hkv, D / 2]
+
+int2 is the same kernel with BITS = 2 (kvlab.quant.int4 with bits=2): scale = (max - zero) / 3,
+codes 0..3, four per byte, channel 4j + i in bits 2i and 2i + 1 -> uint8 [NB, BS, Hkv, D / 4].
+Which one a cache holds is read from its shape: the last dimension is D * BITS / 8 (`packed_bits`).
 
 The launches are ordered on the stream, so launch 2 sees every row launch 1 wrote, including the
 other tokens of a block filled by one prefill. Quantizing before this step's attention changes
@@ -45,12 +49,24 @@ from kvlab.kernels._checks import FLOAT_DTYPES, check_head_dim, check_tensor, ne
 from kvlab.kernels.reshape_and_cache import _rint
 from kvlab.quant.residual import sealed_blocks  # noqa: F401  (the blocks a write seals; re-exported)
 
-VALUE_GROUP = 32                       # as kvlab.quant.int4.VALUE_GROUP; codes 0..15
+VALUE_GROUP = 32                       # as kvlab.quant.int4.VALUE_GROUP
 
 
 def value_group(D: int) -> int:
     """Channels per value scale: 32, or the whole head when it is narrower (kvlab.quant.int4)."""
     return min(VALUE_GROUP, D)
+
+
+def packed_bits(k_cache: torch.Tensor, D: int) -> int:
+    """Bits per code of a packed uint8 cache [NB, BS, Hkv, D * bits / 8] for head dim D: 4 or 2."""
+    last = k_cache.shape[-1] if k_cache.dim() == 4 else -1
+    if last * 2 == D:
+        return 4
+    if last * 4 == D:
+        return 2
+    raise ValueError(f"a packed k_cache holds two channels per byte (int4) or four (int2): its last "
+                     f"dimension must be head dim / 2 = {D // 2} or head dim / 4 = {D // 4}, got "
+                     f"shape {tuple(k_cache.shape)}")
 
 
 @triton.jit
@@ -73,17 +89,18 @@ def _f16_down(z):
 
 
 @triton.jit
-def _params(mn, mx):
-    """(zero, scale) float16 of a group with minimum mn and maximum mx (float32)."""
+def _params(mn, mx, LEVELS: tl.constexpr):
+    """(zero, scale) float16 of a group with minimum mn and maximum mx (float32); LEVELS = 2**bits - 1."""
     zero = _f16_down(mn)
-    scale = _f16_up(tl.maximum(tl.math.div_rn(mx - zero.to(tl.float32), 15.0), 6.103515625e-05))
+    scale = _f16_up(tl.maximum(tl.math.div_rn(mx - zero.to(tl.float32), LEVELS * 1.0),
+                               6.103515625e-05))
     return zero, scale
 
 
 @triton.jit
-def _codes(x, zero, scale):
+def _codes(x, zero, scale, LEVELS: tl.constexpr):
     q = _rint(tl.math.div_rn(x - zero.to(tl.float32), scale.to(tl.float32)))
-    return tl.minimum(tl.maximum(q, 0.0), 15.0).to(tl.int32)
+    return tl.minimum(tl.maximum(q, 0.0), LEVELS * 1.0).to(tl.int32)
 
 
 @triton.jit
@@ -107,74 +124,74 @@ def _residual_write_kernel(k_ptr, v_ptr, kr_ptr, vr_ptr, rslot_ptr, slot_ptr, H,
 @triton.jit
 def _seal_kernel(kr_ptr, vr_ptr, rslot_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr,
                  vs_ptr, vz_ptr, H, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
-                 BLOCK_T: tl.constexpr, VG: tl.constexpr):
+                 BLOCK_T: tl.constexpr, VG: tl.constexpr, BITS: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
+    PER: tl.constexpr = 8 // BITS                                # codes per byte
+    LEVELS: tl.constexpr = (1 << BITS) - 1
     slot = tl.load(slot_ptr + n)
     blk = tl.maximum(slot, 0) // BLOCK_SIZE
     row = tl.load(rslot_ptr + blk).to(tl.int64)
     if (slot >= 0) & (slot % BLOCK_SIZE == BLOCK_SIZE - 1) & (row >= 0):   # completed its block
         t = tl.arange(0, BLOCK_T)[:, None]                       # token of the block
-        e = tl.arange(0, D // 2)[None, :]                        # channel pair: 2e (even), 2e + 1
-        tmask = (t < BLOCK_SIZE) & (e < D // 2)
-        src = ((row * BLOCK_SIZE + t) * H + h) * D + 2 * e
-        dst = ((blk * BLOCK_SIZE + t) * H + h) * (D // 2) + e    # codes [NB, BS, H, D/2]
+        e = tl.arange(0, D // PER)[None, :]                      # byte e holds channels PER*e + i
+        tmask = (t < BLOCK_SIZE) & (e < D // PER)
+        src = ((row * BLOCK_SIZE + t) * H + h) * D + PER * e     # channel PER*e of each token
+        dst = ((blk * BLOCK_SIZE + t) * H + h) * (D // PER) + e  # codes [NB, BS, H, D/PER]
 
-        # keys: per channel, min and max over the block's tokens
-        ke = tl.load(kr_ptr + src, mask=tmask, other=0.0).to(tl.float32)
-        ko = tl.load(kr_ptr + src + 1, mask=tmask, other=0.0).to(tl.float32)
-        ze, se = _params(tl.min(tl.where(tmask, ke, float("inf")), axis=0),
-                         tl.max(tl.where(tmask, ke, float("-inf")), axis=0))
-        zo, so = _params(tl.min(tl.where(tmask, ko, float("inf")), axis=0),
-                         tl.max(tl.where(tmask, ko, float("-inf")), axis=0))
-        qk = _codes(ke, ze[None, :], se[None, :]) | (_codes(ko, zo[None, :], so[None, :]) << 4)
+        # keys: per channel, min and max over the block's tokens; code i of a byte in bits i*BITS
+        qk = tl.zeros([BLOCK_T, D // PER], tl.int32)
+        for i in tl.static_range(PER):
+            k = tl.load(kr_ptr + src + i, mask=tmask, other=0.0).to(tl.float32)
+            z, sc = _params(tl.min(tl.where(tmask, k, float("inf")), axis=0),
+                            tl.max(tl.where(tmask, k, float("-inf")), axis=0), LEVELS)
+            qk |= _codes(k, z[None, :], sc[None, :], LEVELS) << (i * BITS)
+            c = (blk * H + h) * D + PER * tl.arange(0, D // PER) + i    # k_scale, k_zero [NB, H, D]
+            tl.store(ks_ptr + c, sc)
+            tl.store(kz_ptr + c, z)
         tl.store(kc_ptr + dst, qk.to(tl.uint8), mask=tmask)
-        c = (blk * H + h) * D + 2 * tl.arange(0, D // 2)         # k_scale, k_zero [NB, H, D]
-        tl.store(ks_ptr + c, se)
-        tl.store(ks_ptr + c + 1, so)
-        tl.store(kz_ptr + c, ze)
-        tl.store(kz_ptr + c + 1, zo)
 
-        # values: per token, groups of VG consecutive channels (pair e lies in group 2e // VG)
-        ve = tl.load(vr_ptr + src, mask=tmask, other=0.0).to(tl.float32)
-        vo = tl.load(vr_ptr + src + 1, mask=tmask, other=0.0).to(tl.float32)
-        gid = (2 * e) // VG
-        zf = tl.zeros([BLOCK_T, D // 2], tl.float16)
-        sf = tl.zeros([BLOCK_T, D // 2], tl.float16)
+        # values: per token, groups of VG consecutive channels; byte e lies in group PER*e // VG
+        gid = (PER * e) // VG
+        zf = tl.zeros([BLOCK_T, D // PER], tl.float16)
+        sf = tl.zeros([BLOCK_T, D // PER], tl.float16)
         tt = tl.arange(0, BLOCK_T)
         for gi in tl.static_range(D // VG):
             ing = gid == gi
-            mn = tl.minimum(tl.min(tl.where(ing, ve, float("inf")), axis=1),
-                            tl.min(tl.where(ing, vo, float("inf")), axis=1))
-            mx = tl.maximum(tl.max(tl.where(ing, ve, float("-inf")), axis=1),
-                            tl.max(tl.where(ing, vo, float("-inf")), axis=1))
-            zg, sg = _params(mn, mx)                              # [BLOCK_T]
+            mn = tl.full([BLOCK_T], float("inf"), tl.float32)
+            mx = tl.full([BLOCK_T], float("-inf"), tl.float32)
+            for i in tl.static_range(PER):
+                v = tl.load(vr_ptr + src + i, mask=tmask, other=0.0).to(tl.float32)
+                mn = tl.minimum(mn, tl.min(tl.where(ing, v, float("inf")), axis=1))
+                mx = tl.maximum(mx, tl.max(tl.where(ing, v, float("-inf")), axis=1))
+            zg, sg = _params(mn, mx, LEVELS)                      # [BLOCK_T]
             zf = tl.where(ing, zg[:, None], zf)
             sf = tl.where(ing, sg[:, None], sf)
             g_dst = ((blk * BLOCK_SIZE + tt) * H + h) * (D // VG) + gi   # [NB, BS, H, D/VG]
             tl.store(vs_ptr + g_dst, sg, mask=tt < BLOCK_SIZE)
             tl.store(vz_ptr + g_dst, zg, mask=tt < BLOCK_SIZE)
-        qv = _codes(ve, zf, sf) | (_codes(vo, zf, sf) << 4)
+        qv = tl.zeros([BLOCK_T, D // PER], tl.int32)
+        for i in tl.static_range(PER):
+            v = tl.load(vr_ptr + src + i, mask=tmask, other=0.0).to(tl.float32)
+            qv |= _codes(v, zf, sf, LEVELS) << (i * BITS)
         tl.store(vc_ptr + dst, qv.to(tl.uint8), mask=tmask)
 
 
 def check_int4_cache(k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, k_res, v_res, res_slot,
-                     D: int, model_dtype=None) -> tuple[int, int, int]:
-    """Shapes and dtypes of an int4 cache (docs/architecture.md section 4) and its residual pool;
-    returns (NB, BS, Hkv)."""
+                     D: int, model_dtype=None) -> tuple[int, int, int, int]:
+    """Shapes and dtypes of an int4 or int2 cache (docs/architecture.md section 4) and its
+    residual pool; returns (NB, BS, Hkv, bits)."""
     check_tensor("k_cache", k_cache, dtypes=(torch.uint8,), ndim=4)
-    NB, BS, H, half = k_cache.shape
-    if half * 2 != D:
-        raise ValueError(f"an int4 k_cache packs two channels per byte: its last dimension must be "
-                         f"head dim / 2 = {D // 2}, got {half}")
+    NB, BS, H, packed = k_cache.shape
+    bits = packed_bits(k_cache, D)
     dev = k_cache.device
-    check_tensor("v_cache", v_cache, dtypes=(torch.uint8,), shape=(NB, BS, H, half), device=dev)
+    check_tensor("v_cache", v_cache, dtypes=(torch.uint8,), shape=(NB, BS, H, packed), device=dev)
     NG = D // value_group(D)
     for name, t in (("k_scale", k_scale), ("k_zero", k_zero), ("v_scale", v_scale),
                     ("v_zero", v_zero), ("k_res", k_res), ("v_res", v_res),
                     ("res_slot", res_slot)):
         if t is None:
-            raise ValueError(f"{name} is required for an int4 (uint8) cache")
+            raise ValueError(f"{name} is required for an int4 or int2 (uint8) cache")
     for name, t in (("k_scale", k_scale), ("k_zero", k_zero)):
         check_tensor(name, t, dtypes=(torch.float16,), ndim=3, shape=(NB, H, D), device=dev)
     for name, t in (("v_scale", v_scale), ("v_zero", v_zero)):
@@ -186,13 +203,14 @@ def check_int4_cache(k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, k_res, 
                          f"got {tuple(k_res.shape)}")
     check_tensor("v_res", v_res, dtypes=(k_res.dtype,), shape=tuple(k_res.shape), device=dev)
     check_tensor("res_slot", res_slot, dtypes=(torch.int32,), ndim=1, shape=(NB,), device=dev)
-    return NB, BS, H
+    return NB, BS, H, bits
 
 
 def reshape_and_cache_int4(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, *, k_zero,
                            v_zero, k_res, v_res, res_slot, check_slots: bool = True) -> None:
     """Write k, v [N, Hkv, D] into the residual rows of their slots, then quantize every block
-    whose last slot is among `slot_mapping` (see the module docstring for the layout).
+    whose last slot is among `slot_mapping` (see the module docstring for the layout). int4 or
+    int2 by the cache's last dimension, D / 2 or D / 4.
 
     Every block written must have a residual row (res_slot[slot // BS] in [0, R)) and every slot
     must exist: a ValueError otherwise. That check reads slot_mapping and res_slot on the host (a
@@ -202,7 +220,7 @@ def reshape_and_cache_int4(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scal
     N, H, D = k.shape
     check_head_dim(D)
     check_tensor("v", v, dtypes=(k.dtype,), shape=(N, H, D), device=k.device)
-    NB, BS, Hc = check_int4_cache(k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, k_res, v_res,
+    NB, BS, Hc, bits = check_int4_cache(k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, k_res, v_res,
                                   res_slot, D, model_dtype=k.dtype)
     if k_cache.device != k.device:
         raise ValueError(f"k_cache is on {k_cache.device}, expected {k.device}")
@@ -224,4 +242,4 @@ def reshape_and_cache_int4(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scal
                                  BLOCK_SIZE=BS, D=D, BLOCK_H=next_pow2(H))
     _seal_kernel[(N, H)](k_res, v_res, res_slot, slot_mapping, k_cache, v_cache, k_scale, k_zero,
                          v_scale, v_zero, H, BLOCK_SIZE=BS, D=D, BLOCK_T=next_pow2(BS),
-                         VG=value_group(D))
+                         VG=value_group(D), BITS=bits)

@@ -11,7 +11,7 @@ kernels of kvlab/kernels/ read:
 | int8 | int8 `[NB, BS, Hkv, D]` | float16 `[NB, BS, Hkv]` |
 | fp8  | float8_e4m3fn `[NB, BS, Hkv, D]` | float32 per layer, `[]` or `[Hkv]`; optional key shift `[Hkv, D]` |
 | int4 | uint8 `[NB, BS, Hkv, D/2]` | keys float16 scale, zero `[NB, Hkv, D]`; values `[NB, BS, Hkv, D/32]` |
-| int2 | uint8 `[NB, BS, Hkv, D/4]` | as int4 (torch backend only: no Triton kernel reads 2-bit codes) |
+| int2 | uint8 `[NB, BS, Hkv, D/4]` | as int4 |
 
 fp8's scales and key shifts come from `fp8_calibration` (default: scale 1.0, no shift).
 int4 and int2 also keep their residual window, the blocks not yet quantized, in full precision in a pool of
@@ -21,7 +21,7 @@ after the step's last layer.
 
 Both attention backends store the same bytes; they differ in who computes them:
 
-- "triton": the fused path. The write kernel (reshape_and_cache, int4: reshape_and_cache_int4)
+- "triton": the fused path. The write kernel (reshape_and_cache, int4 and int2: reshape_and_cache_int4)
   quantizes the new rows on the way in, and the decode / prefill kernels of
   kvlab.attention.paged_triton read the codes and scales directly, dequantizing tile by tile in
   registers. Nothing is dequantized in PyTorch.
@@ -71,8 +71,6 @@ class QuantizedPagedKVCache:
         self.bits = int4.FORMAT_BITS.get(kv_cache_dtype)     # 4 or 2 for the KIVI formats, else None
         if self.bits:
             int4.value_group(head_dim, self.bits)  # raises for a head_dim it cannot group or pack
-        if kv_cache_dtype == "int2" and attention_backend == "triton":
-            raise ValueError("kv_cache_dtype='int2' has no Triton kernels; use attention_backend='torch'")
         if fp8_calibration is not None and kv_cache_dtype != "fp8":
             raise ValueError(f"fp8_calibration is only for kv_cache_dtype='fp8', not {kv_cache_dtype!r}")
         self.kv_cache_dtype = kv_cache_dtype
@@ -147,7 +145,7 @@ class QuantizedPagedKVCache:
     def kernel_args(self, layer: int) -> dict:
         """The quantization keyword arguments of kvlab.attention.paged_triton for one layer."""
         a = dict(k_scale=self.k_scale[layer], v_scale=self.v_scale[layer])
-        if self.kv_cache_dtype == "int4":
+        if self.bits:
             a.update(k_zero=self.k_zero[layer], v_zero=self.v_zero[layer], **self.residual.args(layer))
         return a
 
@@ -221,9 +219,9 @@ class QuantizedPagedKVCache:
     # ---- the fused path: the Triton kernels read the quantized blocks -------------------------
     def _attend_fused(self, layer: int, q, k, v, m) -> torch.Tensor:
         kc, vc, a = self.k_cache[layer], self.v_cache[layer], self.kernel_args(layer)
-        # int4: set_metadata gave every written block a row, so the write's host-side check of
-        # the slots (a device sync per layer) is not needed
-        unchecked = dict(check_slots=False) if self.kv_cache_dtype == "int4" else {}
+        # int4, int2: set_metadata gave every written block a row, so the write's host-side check
+        # of the slots (a device sync per layer) is not needed
+        unchecked = dict(check_slots=False) if self.bits else {}
         k = self._smooth(layer, k)  # fp8 key smoothing: stored minus the shift, read as stored
         self.ops.reshape_and_cache(k, v, kc, vc, m.slot_mapping, **a, **unchecked)
         if m.is_decode:
