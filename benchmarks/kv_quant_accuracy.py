@@ -51,6 +51,8 @@ sys.path.insert(0, str(ROOT / "data"))
 import build_corpus  # noqa: E402
 
 GOALS = {"int8": 0.5, "fp8": 1.0, "int4": 3.0}  # perplexity change allowed, percent
+FP8_CALIBRATION_NOTE = ("amax/448 per layer over the calibration windows; smoothed keys: "
+                        "minus the mean key per channel, scales over the deviation")
 
 
 def formats(group_sizes):
@@ -67,9 +69,7 @@ def formats(group_sizes):
 
 
 def make_cache(model, batch, max_len, dtype, opts, scales):
-    kw = {}
-    if "group_size" in opts:
-        kw["group_size"] = opts["group_size"]
+    kw = {key: opts[key] for key in ("group_size", "keep_first") if key in opts}
     if "calibrate" in opts:
         kw["fp8_calibration"] = scales[opts["calibrate"]]
     return FakeQuantKVCache.for_model(model, batch, max_len, dtype, **kw)
@@ -112,6 +112,74 @@ def greedy(model, prompts, steps, dtype_, opts, scales):
     return torch.cat(out, dim=1)
 
 
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """The corpus split, chunking and threads (shared with benchmarks/sink_preservation.py)."""
+    p.add_argument("--ppl-windows", type=int, default=32)
+    p.add_argument("--ppl-tokens", type=int, default=256)
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--calib-windows", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
+    p.add_argument("--smoke", action="store_true", help="tiny run, prints only")
+
+
+def load_data(a):
+    """Model, corpus split and fp8 calibrations for the arguments of `add_data_args`.
+
+    Returns (model, corpus header, perplexity windows [W, ppl_tokens], prompts [P, prompt_tokens],
+    scales): scales maps "head", "tensor", "head smooth", "tensor smooth" to an Fp8Calibration.
+    """
+    torch.manual_seed(0)
+    torch.set_num_threads(a.threads)
+    model, tok = kvlab.load_model()
+    header, texts = build_corpus.load()
+    enc = [tok.encode(t, add_special_tokens=False) for t in texts]
+    need = a.ppl_windows + a.prompts + a.calib_windows
+    if len(enc) < need:
+        raise SystemExit(f"corpus has {len(enc)} windows, the run needs {need}")
+    ppl_ids = torch.tensor([e[:a.ppl_tokens] for e in enc[:a.ppl_windows]])
+    prompt_ids = torch.tensor([e[:a.prompt_tokens]
+                               for e in enc[a.ppl_windows:a.ppl_windows + a.prompts]])
+    calib = [torch.tensor([e[:a.ppl_tokens]]) for e in enc[a.ppl_windows + a.prompts:need]]
+    scales = {}
+    for smooth in (False, True):
+        head = calibrate_fp8(model, calib, per_head=True, smooth_keys=smooth)
+        tensor = Fp8Calibration([s.amax() for s in head.k_scales],  # = the largest head's scale
+                                [s.amax() for s in head.v_scales], head.k_shift)
+        scales["head smooth" if smooth else "head"] = head
+        scales["tensor smooth" if smooth else "tensor"] = tensor
+    return model, header, ppl_ids, prompt_ids, scales
+
+
+def ppl_change(sums, variants):
+    """Per variant label: (perplexity, its change against the first variant in %, mean KL in nats)."""
+    out, ppl_ref = {}, None
+    for lab, _, _ in variants:
+        nll, kl, n = sums[lab]
+        ppl = float(torch.tensor(nll / n).exp())
+        ppl_ref = ppl if ppl_ref is None else ppl_ref
+        out[lab] = (ppl, 100 * (ppl / ppl_ref - 1), kl / n)
+    return out
+
+
+def write_results(a, argv, name: str, title: str, header, secs: float, rows, body: str, **extra):
+    """benchmarks/results/<name>.json and .md: date, exact command, machine and versions, corpus,
+    settings, `extra` fields, wall time and rows; the markdown holds `body` (tables, notes)."""
+    cmd = f"python benchmarks/{name}.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    info = {"benchmark": name, "date": now, "command": cmd.strip(),
+            "machine": machine_info(), "model": "SmolLM2-135M-Instruct (float32)", "corpus": header,
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+            **extra, "wall_seconds": round(secs, 1), "rows": rows}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.with_suffix(".json").write_text(json.dumps(info, indent=1))
+    a.out.with_suffix(".md").write_text(
+        f"# {title}\n\n`{info['command']}` on {info['date']}\n\n"
+        f"Machine: {json.dumps(info['machine'])}\n\nCorpus: {json.dumps(header)}\n\n{body}\n")
+
+
 def against_goals(rows) -> str:
     """The issue's goals, checked against the rows: perplexity change and bfloat16 capacity gain."""
     lines = ["## Against the goals (issue 6), as measured above", ""]
@@ -135,45 +203,19 @@ def against_goals(rows) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="KV-cache quantization accuracy on the real model")
-    p.add_argument("--ppl-windows", type=int, default=32)
-    p.add_argument("--ppl-tokens", type=int, default=256)
-    p.add_argument("--chunk", type=int, default=64)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--prompts", type=int, default=16)
-    p.add_argument("--prompt-tokens", type=int, default=64)
+    add_data_args(p)
     p.add_argument("--gen-tokens", type=int, default=256)
-    p.add_argument("--calib-windows", type=int, default=4)
     p.add_argument("--group-sizes", type=int, nargs="+", default=[16, 32])
     p.add_argument("--skip-greedy", nargs="*",
                    default=["int4 KIVI G=16", "fp8 per-head calibrated", "fp8 scale=1.0",
                             "fp8 per-tensor calibrated, smoothed keys"],
                    help="variants measured on perplexity and KL only (CPU time)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
-    p.add_argument("--smoke", action="store_true", help="tiny run, prints only")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/kv_quant_accuracy")
     a = p.parse_args(argv)
     if a.smoke:
         a.ppl_windows, a.ppl_tokens, a.prompts, a.gen_tokens, a.calib_windows = 2, 64, 2, 16, 1
-    torch.manual_seed(0)
-    torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
-    model, tok = kvlab.load_model()
-    header, texts = build_corpus.load()
-    enc = [tok.encode(t, add_special_tokens=False) for t in texts]
-    need = a.ppl_windows + a.prompts + a.calib_windows
-    if len(enc) < need:
-        raise SystemExit(f"corpus has {len(enc)} windows, the run needs {need}")
-    ppl_ids = torch.tensor([e[:a.ppl_tokens] for e in enc[:a.ppl_windows]])
-    prompt_ids = torch.tensor([e[:a.prompt_tokens]
-                               for e in enc[a.ppl_windows:a.ppl_windows + a.prompts]])
-    calib = [torch.tensor([e[:a.ppl_tokens]]) for e in enc[a.ppl_windows + a.prompts:need]]
-    scales = {}
-    for smooth in (False, True):
-        head = calibrate_fp8(model, calib, per_head=True, smooth_keys=smooth)
-        tensor = Fp8Calibration([s.amax() for s in head.k_scales],  # = the largest head's scale
-                                [s.amax() for s in head.v_scales], head.k_shift)
-        scales["head smooth" if smooth else "head"] = head
-        scales["tensor smooth" if smooth else "tensor"] = tensor
+    model, header, ppl_ids, prompt_ids, scales = load_data(a)
     variants = formats(a.group_sizes)
 
     sums = perplexity_and_kl(model, ppl_ids, a.chunk, variants, scales, a.batch)
@@ -182,11 +224,9 @@ def main(argv=None):
     bf16 = bytes_per_token(cfg, "auto", model_dtype=torch.bfloat16)
     f32 = bytes_per_token(cfg, "auto", model_dtype=torch.float32)
     rows = []
-    ppl_auto = None
+    ppls = ppl_change(sums, variants)
     for lab, dt_, o in variants:
-        nll, kl, n = sums[lab]
-        ppl = float(torch.tensor(nll / n).exp())
-        ppl_auto = ppl if ppl_auto is None else ppl_auto
+        ppl, change, kl = ppls[lab]
         if lab in a.skip_greedy:
             agree = first = None
         else:
@@ -199,8 +239,8 @@ def main(argv=None):
         if dt_ == "auto":
             bpt = f32
         rows.append({"format": lab, "kv_cache_dtype": dt_, "block_size": bs,
-                     "ppl": ppl, "ppl_change_pct": 100 * (ppl / ppl_auto - 1),
-                     "kl_nats": kl / n, "greedy_agreement": agree,
+                     "ppl": ppl, "ppl_change_pct": change,
+                     "kl_nats": kl, "greedy_agreement": agree,
                      "mean_tokens_to_first_diff": first,
                      "bytes_per_token": bpt, "gain_vs_bf16": bf16 / bpt, "gain_vs_fp32": f32 / bpt,
                      "goal_ppl_pct": GOALS.get(dt_)})
@@ -211,24 +251,13 @@ def main(argv=None):
     print(table)
     verdict = against_goals(rows)
     print(verdict)
-    cmd = "python benchmarks/kv_quant_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"{secs:.0f} s")
     if a.smoke:
         return rows
-    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    info = {"benchmark": "kv_quant_accuracy", "date": now, "command": cmd.strip(),
-            "machine": machine_info(), "model": "SmolLM2-135M-Instruct (float32)", "corpus": header,
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
-            "fp8_calibration": "amax/448 per layer over the calibration windows; smoothed keys: "
-                               "minus the mean key per channel, scales over the deviation",
-            "bytes_per_token_note": "auto row: float32 as run; gains also against bfloat16 (23040 B/token)",
-            "wall_seconds": round(secs, 1), "rows": rows}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.with_suffix(".json").write_text(json.dumps(info, indent=1))
-    a.out.with_suffix(".md").write_text(
-        f"# KV-cache quantization accuracy\n\n`{info['command']}` on {info['date']}\n\n"
-        f"Machine: {json.dumps(info['machine'])}\n\nCorpus: {json.dumps(header)}\n\n{table}\n\n"
-        f"{verdict}\n")
+    write_results(a, argv, "kv_quant_accuracy", "KV-cache quantization accuracy", header, secs, rows,
+                  f"{table}\n\n{verdict}",
+                  fp8_calibration=FP8_CALIBRATION_NOTE,
+                  bytes_per_token_note="auto row: float32 as run; gains also against bfloat16 (23040 B/token)")
     return rows
 
 

@@ -17,6 +17,21 @@ Timing of quantization follows decoding exactly, for any number of new tokens pe
 
 So the perplexity of a window processed in chunks equals, to rounding, the perplexity of the same
 window fed one token at a time, at a fraction of the cost.
+
+Attention-sink preservation (`keep_first=n`): the first n positions of every sequence are stored
+exactly as written, in full precision, for every format (StreamingLLM, Xiao et al. 2023, for the
+sink; KVQuant and IntactKV keep such tokens unquantized). What "exactly as written" means next to
+fp8's key shift: this cache dequantizes smoothed keys *with* the shift added back
+(`fp8.dequantize_fp8(..., shift)` returns `dq(k - shift) + shift`), so every stored key is a key,
+and a kept key is stored as the key itself, the value the full-precision cache stores. The paged
+cache instead stores `k - shift` and reads it as stored (every score of a query moves by
+`q . shift`, which softmax ignores only if *every* key moved); a kept key there must be stored as
+`k - shift` in full precision. Both conventions give the same attention.
+int4 and int2 quantize a group without its kept tokens: the per-channel key scales and zero points
+come from the group's other tokens only (values are per token, so theirs are unaffected). An
+engine that holds the sinks apart stores no codes for them, and a sink key far from the others
+would otherwise widen the steps of every other key in its group. A group made only of kept tokens
+is not quantized. Timing is unchanged: kept positions are full precision whenever they are read.
 """
 from __future__ import annotations
 
@@ -46,15 +61,20 @@ class FakeQuantKVCache:
 
     fp8: `fp8_calibration`, a `kvlab.quant.fp8.Fp8Calibration` (None = scale 1.0, no key shift).
     int4 and int2: `group_size` tokens per key group (the paged cache's block size).
+    `keep_first`: the first positions of every sequence stored in full precision (module docstring).
     """
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
                  kv_cache_dtype: str = "auto", group_size: int = 16, fp8_calibration=None,
-                 dtype: torch.dtype = torch.float32, device="cpu"):
+                 dtype: torch.dtype = torch.float32, device="cpu", keep_first: int = 0):
         self.kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
         if group_size <= 0:
             raise ValueError(f"group_size must be positive, got {group_size}")
+        if isinstance(keep_first, bool) or not isinstance(keep_first, int) or keep_first < 0:
+            raise ValueError(f"keep_first must be a non-negative int (positions kept in full "
+                             f"precision), got {keep_first!r}")
         self.num_layers, self.max_len, self.group_size = num_layers, max_len, group_size
+        self.keep_first = keep_first
         shape = (batch, max_len, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -83,6 +103,9 @@ class FakeQuantKVCache:
             shift = cal.k_shift[layer].to(k.device) if cal.k_shift is not None else None
             K[:, start:start + T] = roundtrip(k, self.kv_cache_dtype, cal.k_scales[layer].to(k.device), shift)
             V[:, start:start + T] = roundtrip(v, self.kv_cache_dtype, cal.v_scales[layer].to(v.device))
+            n = min(T, self.keep_first - start)
+            if n > 0:  # kept positions: the keys and values as written (module docstring)
+                K[:, start:start + n], V[:, start:start + n] = k[:, :n], v[:, :n]
             return causal_attention(q, K[:, :start + T], V[:, :start + T], q_offset=start)
         outs, i = [], 0
         while i < T:  # pieces that end at group boundaries: decode-exact timing (module docstring)
@@ -98,8 +121,8 @@ class FakeQuantKVCache:
         K[:, pos:pos + n], V[:, pos:pos + n] = k, v  # full precision: the residual window
         out = causal_attention(q, K[:, :pos + n], V[:, :pos + n], q_offset=pos)
         end = pos + n
-        if end % G == 0:  # the group is complete: quantize keys per channel, values per token
-            g0 = end - G
+        g0 = max(end - G, self.keep_first)  # kept positions are not quantized (module docstring)
+        if end % G == 0 and g0 < end:  # the group is complete: keys per channel, values per token
             bits = int4.FORMAT_BITS[self.kv_cache_dtype]
             K[:, g0:end] = int4.dequantize_keys(*int4.quantize_keys(K[:, g0:end], bits), K.dtype, bits)
             V[:, g0:end] = int4.dequantize_values(*int4.quantize_values(V[:, g0:end], bits=bits),
