@@ -100,9 +100,10 @@ class BlockManager:
     `prefix_cache_queries` (prompt tokens looked up) and `prefix_cache_hits` (tokens found);
     `num_evicted_blocks` counts cached blocks whose contents were dropped for new ones.
 
-    `on_discard(block_id)`, if given, is called when a block is freed with contents nobody can
-    find again (no prefix-cache hash): a cache that keeps per-block state outside its pool (int4's
-    full-precision residual rows, kvlab/quant/residual.py) lets it go there.
+    `on_discard(block_id)`, if given, is called when a block's contents are dropped: freed with
+    no prefix-cache hash (nobody can find them again), or evicted from the prefix cache. A cache
+    that keeps per-block state outside its pool (int4's full-precision residual rows,
+    kvlab/quant/residual.py; sink rows, kvlab/quant/sink.py) lets it go there.
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
@@ -218,6 +219,8 @@ class BlockManager:
         del self.cached[b.block_hash]
         self.num_evicted_blocks += 1
         b.block_hash, b.token_ids, b.parent, b.extra_keys = None, (), None, ()
+        if self.on_discard is not None:
+            self.on_discard(b.block_id)
 
     def _take_free_block(self) -> int:
         """A block for new contents, from the head of the free queue (evicting its hash)."""

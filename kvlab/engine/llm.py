@@ -55,7 +55,7 @@ class LLM:
                  attention_backend: str = "torch", kv_cache_dtype: str = "auto",
                  enable_prefix_caching: bool = True, dtype: torch.dtype = torch.float32,
                  device="cpu", scheduling_policy=None, fp8_calibration=None,
-                 enable_chunked_prefill: bool = False):
+                 enable_chunked_prefill: bool = False, keep_sink_token: bool = False):
         check_kv_cache_dtype(kv_cache_dtype)
         if block_size is None:
             block_size = DEFAULT_BLOCK_SIZE[kv_cache_dtype]
@@ -102,6 +102,11 @@ class LLM:
         self.num_kv_blocks = num_kv_blocks
         if fp8_calibration is not None:
             extra["fp8_calibration"] = fp8_calibration
+        if keep_sink_token:
+            if kv_cache_dtype == "auto":
+                raise ValueError("keep_sink_token keeps a quantized cache's first token in full "
+                                 "precision: it needs kv_cache_dtype int8, fp8, int4 or int2, not 'auto'")
+            extra["keep_sink_token"] = keep_sink_token
         self.cache = cache_cls(num_blocks=num_kv_blocks, **shape, dtype=self.model.dtype,
                                device=self.model.device, attention_backend=attention_backend, **extra)
         self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching,

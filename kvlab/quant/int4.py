@@ -92,24 +92,32 @@ def unpack_int4(p: torch.Tensor) -> torch.Tensor:
     return unpack_codes(p, 4)
 
 
-def _asymmetric(x: torch.Tensor, dim: int, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes, scale and zero of x with min/max taken over `dim` (kept as a size-1 dim)."""
+def _asymmetric(x: torch.Tensor, dim: int, bits: int = 4, skip_first: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes, scale and zero of x with min/max taken over `dim` (kept as a size-1 dim); with
+    `skip_first`, over every index of `dim` but the first (whose codes are then clamped)."""
     levels = 2**_check_bits(bits) - 1
     check_finite(x, "x")
     x = x.float()
     if x.numel() and float(x.abs().max()) > MAX_ABS:
         raise ValueError(f"x has magnitude {float(x.abs().max()):.3g}; int{bits} with float16 zero "
                          f"points holds at most {MAX_ABS:.3g}")
-    zero = round_down_fp16(x.amin(dim=dim, keepdim=True))
-    scale = round_up_fp16(((x.amax(dim=dim, keepdim=True) - zero.float()) / levels).clamp_min(MIN_SCALE))
+    if skip_first and x.shape[dim] < 2:
+        raise ValueError(f"skip_first needs a group of at least 2, got {x.shape[dim]}")
+    stats = x.narrow(dim, 1, x.shape[dim] - 1) if skip_first else x
+    zero = round_down_fp16(stats.amin(dim=dim, keepdim=True))
+    scale = round_up_fp16(((stats.amax(dim=dim, keepdim=True) - zero.float()) / levels).clamp_min(MIN_SCALE))
     q = torch.round((x - zero.float()) / scale.float()).clamp_(0, levels).to(torch.uint8)
     return q, scale, zero
 
 
-def quantize_keys(k: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_keys(k: torch.Tensor, bits: int = 4, skip_first: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One key group k [..., G, Hkv, D] (G tokens) -> (packed [..., G, Hkv, D*bits/8],
-    scale [..., Hkv, D], zero [..., Hkv, D]): per channel over the G tokens."""
-    q, scale, zero = _asymmetric(k, dim=-3, bits=bits)
+    scale [..., Hkv, D], zero [..., Hkv, D]): per channel over the G tokens. `skip_first`: the
+    scales come from tokens 1..G-1 only (token 0 is an attention sink kept in full precision
+    elsewhere, kvlab.quant.sink; its codes are clamped to the range and never read)."""
+    q, scale, zero = _asymmetric(k, dim=-3, bits=bits, skip_first=skip_first)
     return pack_codes(q, bits), scale.squeeze(-3), zero.squeeze(-3)
 
 

@@ -14,6 +14,8 @@ kernels of kvlab/kernels/ read:
 | int2 | uint8 `[NB, BS, Hkv, D/4]` | as int4 |
 
 fp8's scales and key shifts come from `fp8_calibration` (default: scale 1.0, no shift).
+`keep_sink_token=True` also keeps each sequence's first token in full precision in a small pool of
+rows (kvlab.quant.sink), read in place of its quantized copy.
 int4 and int2 also keep their residual window, the blocks not yet quantized, in full precision in a pool of
 rows (`kvlab.quant.residual.Int4Residual`): opened by `set_metadata` before a step, a block sealed
 (quantized) by the write that fills it, its row still read by that step's attention and given back
@@ -44,22 +46,25 @@ from kvlab.cache.paged import step_metadata
 from kvlab.quant import bytes_per_block_per_head, fp8, int4, int8
 from kvlab.quant.common import check_kv_cache_dtype
 from kvlab.quant.residual import Int4Residual, sealed_blocks
+from kvlab.quant.sink import create_sink_pool, sink_args, sink_blocks
 
 
 class QuantizedPagedKVCache:
     """QuantizedPagedKVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim,
     dtype=torch.float32, device="cpu", attention_backend="torch", kv_cache_dtype="int8",
-    fp8_calibration=None)
+    fp8_calibration=None, keep_sink_token=False)
 
     `dtype` is the model's: what reads return and what int4's residual window is kept in.
     `fp8_calibration`: an optional `kvlab.quant.fp8.Fp8Calibration` (scales per layer, and key
     shifts: keys are stored minus their shift, and attention reads them as stored, since a shift
     common to all keys does not change softmax; the PyTorch reference adds it back on read).
+    `keep_sink_token`: each sequence's position-0 token also kept unquantized (kvlab.quant.sink).
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype = torch.float32, device="cpu",
-                 attention_backend: str = "torch", kv_cache_dtype: str = "int8", fp8_calibration=None):
+                 attention_backend: str = "torch", kv_cache_dtype: str = "int8", fp8_calibration=None,
+                 keep_sink_token: bool = False):
         check_kv_cache_dtype(kv_cache_dtype)
         if kv_cache_dtype == "auto":
             raise ValueError("kv_cache_dtype='auto' is the full-precision kvlab.cache.paged.PagedKVCache")
@@ -73,6 +78,11 @@ class QuantizedPagedKVCache:
             int4.value_group(head_dim, self.bits)  # raises for a head_dim it cannot group or pack
         if fp8_calibration is not None and kv_cache_dtype != "fp8":
             raise ValueError(f"fp8_calibration is only for kv_cache_dtype='fp8', not {kv_cache_dtype!r}")
+        if not isinstance(keep_sink_token, bool):
+            raise ValueError(f"keep_sink_token must be True or False, got {keep_sink_token!r}")
+        if keep_sink_token and self.bits and block_size < 2:
+            raise ValueError(f"keep_sink_token with {kv_cache_dtype} needs block_size >= 2 (the first "
+                             f"block's key scales come from its other tokens), got {block_size}")
         self.kv_cache_dtype = kv_cache_dtype
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
@@ -103,6 +113,7 @@ class QuantizedPagedKVCache:
             self.k_scale, self.k_zero = (zeros(NB, H, D, dt=f16) for _ in "sz")
             self.v_scale, self.v_zero = (zeros(NB, BS, H, G, dt=f16) for _ in "sz")
             self.residual = Int4Residual.create(num_layers, NB, BS, H, D, dtype, dev)
+        self.sinks = create_sink_pool(num_layers, NB, H, D, dtype, dev) if keep_sink_token else None
 
     def _k_shift(self, layer: int):
         """fp8 key smoothing: the shift [Hkv, D] of `layer`, or None."""
@@ -130,24 +141,42 @@ class QuantizedPagedKVCache:
         """int4, int2: bytes of the full-precision residual pool now, outside the block budget."""
         return self.residual.nbytes if self.bits else 0
 
+    @property
+    def sink_bytes(self) -> int:
+        """keep_sink_token: bytes of the full-precision sink rows now, outside the block budget."""
+        return self.sinks.nbytes if self.sinks is not None else 0
+
     def discard_block(self, block_id: int) -> None:
-        """The block manager freed `block_id` and nobody will read it again: int4 gives its
-        residual row back (the other formats keep nothing per block outside the pool)."""
+        """The block manager dropped `block_id`'s contents: int4's residual row and the block's
+        sink row, if any, go back (nothing else is kept per block outside the pool)."""
         if self.bits:
             self.residual.discard([block_id])
+        if self.sinks is not None:
+            self.sinks.discard([block_id])
 
     def set_metadata(self, metadata) -> None:
-        """Called by the engine before each forward pass; int4 opens this step's residual rows."""
+        """Called by the engine before each forward pass; int4 opens this step's residual rows,
+        and the first blocks whose position 0 this step writes get their sink rows."""
         self.metadata = metadata
         if metadata is not None and self.bits:
             self.residual.open(metadata.slot_mapping)
+        if metadata is not None and self.sinks is not None:
+            self.sinks.assign(sink_blocks(metadata.block_tables, metadata.slot_mapping, self.block_size))
 
     def kernel_args(self, layer: int) -> dict:
         """The quantization keyword arguments of kvlab.attention.paged_triton for one layer."""
         a = dict(k_scale=self.k_scale[layer], v_scale=self.v_scale[layer])
         if self.bits:
             a.update(k_zero=self.k_zero[layer], v_zero=self.v_zero[layer], **self.residual.args(layer))
+        if self.sinks is not None:
+            a.update(sink_args(self.sinks, layer))
         return a
+
+    def _sink_rows(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Sink row of each block id (-1: none), all -1 when sinks are off."""
+        if self.sinks is None:
+            return torch.full_like(blocks, -1, dtype=torch.long)
+        return self.sinks.res_slot[blocks.long()].long()
 
     # ---- the PyTorch reference: write and read ------------------------------------------------
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -176,15 +205,33 @@ class QuantizedPagedKVCache:
                 pool.view(-1, H, D).index_copy_(0, flat, x.to(pool.dtype))
             for b in sealed_blocks(slots, BS).tolist():
                 r = int(res.res_slot[b])
+                sink = self.sinks is not None and int(self.sinks.res_slot[b]) >= 0
                 (self.k_cache[layer][b], self.k_scale[layer][b],
-                 self.k_zero[layer][b]) = int4.quantize_keys(res.k_res[layer][r], self.bits)
+                 self.k_zero[layer][b]) = int4.quantize_keys(res.k_res[layer][r], self.bits, skip_first=sink)
                 (self.v_cache[layer][b], self.v_scale[layer][b],
                  self.v_zero[layer][b]) = int4.quantize_values(res.v_res[layer][r], bits=self.bits)
+        rows = self._sink_rows(slots // BS)
+        hit = (slots % BS == 0) & (rows >= 0)    # position 0 of a sequence: also kept unquantized
+        if bool(hit.any()):
+            for x, pool in ((self._smooth(layer, k), self.sinks.k_res[layer]), (v, self.sinks.v_res[layer])):
+                pool[rows[hit], 0] = x[hit].to(pool.dtype)
 
     def dequantize_blocks(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-precision K and V [len(blocks), BS, Hkv, D] of the given block ids (model dtype);
-        int4 blocks that still hold a residual row are read from it."""
-        b, dt = blocks.long(), self.dtype
+        int4 blocks that still hold a residual row are read from it, and the offset-0 token of a
+        block with a sink row from that row."""
+        k, v = self._dequantize(layer, blocks.long())
+        rows = self._sink_rows(blocks)
+        hot = rows >= 0
+        if bool(hot.any()):
+            sk = self.sinks.k_res[layer][rows[hot], 0]
+            shift = self._k_shift(layer)      # stored minus the shift, like every fp8 key
+            k[hot, 0] = (sk if shift is None else sk.float() + shift).to(k.dtype)
+            v[hot, 0] = self.sinks.v_res[layer][rows[hot], 0].to(v.dtype)
+        return k, v
+
+    def _dequantize(self, layer: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dt = self.dtype
         if self.kv_cache_dtype == "int8":
             return (int8.dequantize_int8(self.k_cache[layer][b], self.k_scale[layer][b], dt),
                     int8.dequantize_int8(self.v_cache[layer][b], self.v_scale[layer][b], dt))

@@ -103,7 +103,10 @@ class Int4Residual:
     def open(self, slot_mapping: torch.Tensor) -> None:
         """Before a step's first layer: a residual row for every block it writes that has none."""
         s = slot_mapping[slot_mapping >= 0]
-        blocks = (s // self.block_size).unique()
+        self.assign((s // self.block_size).unique())
+
+    def assign(self, blocks: torch.Tensor) -> None:
+        """A row for each of these (distinct) block ids that has none; the pool grows if needed."""
         blocks = blocks[self.res_slot[blocks] < 0].tolist()
         if len(blocks) > len(self.free):
             self._grow(len(blocks) - len(self.free))
