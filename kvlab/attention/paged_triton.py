@@ -15,6 +15,10 @@ attention still reads it in full precision, as kvlab.quant.paged does; after the
 caller unmaps the blocks `int4_sealed_blocks(slot_mapping, block_size)` names. `Int4Residual`
 (kvlab.quant.residual, re-exported here) does that bookkeeping for a whole model: `open` before a
 step's first layer, `close` after its last, `args(layer)` for the kernels in between.
+Every format also takes an optional attention-sink pool, all three or none: sink_k, sink_v
+[R, Hkv, D] in the model dtype and sink_slot int32 [NB] (block -> the pool row of its offset-0
+token, -1 for none). The write stores each sequence's first token there unquantized, and decode
+and prefill read position 0 from it (kvlab/kernels/reshape_and_cache.py, decode_attention_v3.py).
 kvlab.quant.paged.QuantizedPagedKVCache calls these entry points with its quantized blocks when
 its attention backend is "triton".
 

@@ -25,6 +25,25 @@ def check_tensor(name: str, t, *, dtypes=None, ndim=None, shape=None, device=Non
                          f"got strides {t.stride()} for shape {tuple(t.shape)}")
 
 
+def check_sink(sink_k, sink_v, sink_slot, *, H: int, D: int, NB: int, dtype, device) -> bool:
+    """The attention-sink pool of a cache write or a decode: sink_k, sink_v [R >= 1, H, D] in
+    `dtype` and sink_slot int32 [NB], all three or none. Returns whether sinks are on."""
+    given = {"sink_k": sink_k, "sink_v": sink_v, "sink_slot": sink_slot}
+    if all(t is None for t in given.values()):
+        return False
+    if any(t is None for t in given.values()):
+        missing = ", ".join(n for n, t in given.items() if t is None)
+        raise ValueError(f"sink_k, sink_v and sink_slot go together (all three or none); "
+                         f"missing {missing}")
+    check_tensor("sink_k", sink_k, dtypes=(dtype,), ndim=3, device=device)
+    if sink_k.shape[0] < 1 or tuple(sink_k.shape[1:]) != (H, D):
+        raise ValueError(f"sink_k (the sink pool) must have shape [R >= 1, {H}, {D}], "
+                         f"got {tuple(sink_k.shape)}")
+    check_tensor("sink_v", sink_v, dtypes=(dtype,), ndim=3, shape=tuple(sink_k.shape), device=device)
+    check_tensor("sink_slot", sink_slot, dtypes=(torch.int32,), ndim=1, shape=(NB,), device=device)
+    return True
+
+
 def check_head_dim(D: int) -> None:
     if D < 16 or D > 256 or D & (D - 1):
         raise ValueError(f"head dim must be a power of two in [16, 256] (a tile side), got {D}")

@@ -31,6 +31,20 @@ tile is converted in registers, and the scales are folded where they cost least:
         dequantizes.
   int2  (KIVI's 2-bit setting) the same tile with four codes per byte, unpacked by two rounds of
         tl.interleave; the cache's last dimension (D / 4 instead of D / 2) selects it.
+Attention sinks (optional, any format; the pool is described in reshape_and_cache): if
+sink_slot[block_tables[s, 0]] >= 0, sequence s's token at position 0 is read in full precision
+from that row of sink_k, sink_v [R, Hkv, D] (q's dtype) instead of from the cache. Only the tile
+that holds position 0 (start == 0, in partition 0) loads it; the other tiles skip the branch.
+Its score q . k_sink * scale and its share p_0 * v_sink of the output are computed in float32
+next to the dots, and its column of the tile's dots is zeroed (so the cache's copy of position 0,
+whatever it holds, is never used). No scale applies to the sink: int8's per-token k and v
+scales are simply not multiplied in; fp8 folds k_scale into the scores' scale, so the sink's
+score uses the unfolded one, and multiplies the whole output by v_scale at the end, so v_sink
+is divided by v_scale first (float32, rounded to nearest: with the final product, two roundings
+of at most 2**-24 relative each, far below the dots' error); int4 and int2 tiles are float32
+values already, and a model-dtype cache has no scales. For fp8 with smoothed keys the pool holds
+k - shift, like the cache, and softmax ignores the q . shift that every score lacks.
+
 With a bf16 q the two dots of a quantized cache run in fp16: int8 codes and e4m3 values are exact
 in fp16, which converts from them in fewer instructions than bf16 does, and dequantized int4
 values keep 3 more mantissa bits than bf16 (q and int4 values must then fit fp16's range,
@@ -43,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvlab.kernels._checks import next_pow2
+from kvlab.kernels._checks import check_sink, next_pow2
 from kvlab.kernels.decode_attention_v1 import LOG2E, check_decode_args
 from kvlab.kernels.reshape_and_cache import FMT_FLOAT, FMT_INT4, cache_format, check_scales
 from kvlab.kernels.reshape_and_cache_int4 import check_int4_cache, value_group
@@ -104,7 +118,7 @@ def _int4_tile(c_ptr, s_ptr, z_ptr, r_ptr, rs_ptr, blk, off, valid, kvh,
 
 @triton.jit
 def _decode_v3_partition_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, kr_ptr,
-                                vr_ptr, rs_ptr, bt_ptr, ctx_ptr,
+                                vr_ptr, rs_ptr, sk_ptr, sv_ptr, ss_ptr, bt_ptr, ctx_ptr,
                                 po_ptr, plse_ptr, qk_scale, max_blocks, num_parts,
                                 stride_cb, stride_ct, stride_sb, stride_st,
                                 GROUP: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr,
@@ -112,7 +126,7 @@ def _decode_v3_partition_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kz_ptr, v
                                 BLOCK_N: tl.constexpr, PART: tl.constexpr, FMT: tl.constexpr,
                                 SCALE_STRIDE_H: tl.constexpr, PRECISION: tl.constexpr,
                                 FP16_DOT: tl.constexpr, DIRECT: tl.constexpr, VG: tl.constexpr,
-                                BITS: tl.constexpr):
+                                BITS: tl.constexpr, SINK: tl.constexpr):
     s = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
@@ -127,6 +141,7 @@ def _decode_v3_partition_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kz_ptr, v
     if FP16_DOT:  # quantized cache, bf16 q: int8 and fp8 convert to fp16 in fewer instructions
         q = q.to(tl.float16)
     dot_ty = q.dtype
+    sink_scale = qk_scale       # the sink's scores: no k scale (fp8 folds one into qk_scale)
     if FMT == 2:  # fp8: one K scale per KV head (stride 0: per tensor) folds into the score scale
         qk_scale = qk_scale * tl.load(ks_ptr + kvh * SCALE_STRIDE_H)
 
@@ -151,11 +166,31 @@ def _decode_v3_partition_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kz_ptr, v
         if FMT == 1:
             k_sc = tl.load(ks_ptr + tok * Hkv + kvh, mask=valid, other=0.0).to(tl.float32)
             scores = scores * k_sc[None, :]
+        if SINK:
+            sink = n < 0                                # which column is a sink: none so far
+            vs0 = tl.zeros([D], tl.float32)
+            if start == 0:      # the tile holding position 0 (partition 0's first): else no cost
+                srow = tl.load(ss_ptr + tl.load(bt_ptr + s * max_blocks)).to(tl.int64)
+                sink = (n == 0) & (srow >= 0)
+                row0 = (tl.maximum(srow, 0) * Hkv + kvh) * D + d     # sink_k, sink_v [R, Hkv, D]
+                ks0 = tl.load(sk_ptr + row0, mask=(d * 0 + srow) >= 0, other=0.0).to(tl.float32)
+                vs0 = tl.load(sv_ptr + row0, mask=(d * 0 + srow) >= 0, other=0.0).to(tl.float32)
+                if FMT == 2:    # the output is multiplied by v_scale at the end: divide it out
+                    vs0 = tl.math.div_rn(vs0, tl.load(vs_ptr + kvh * SCALE_STRIDE_H))
+                q32 = tl.load(q_ptr + (s * Hkv * GROUP + hq)[:, None] * D + d[None, :],
+                              mask=gmask[:, None], other=0.0).to(tl.float32)
+                s0 = tl.sum(q32 * ks0[None, :], axis=1) * sink_scale       # [BLOCK_G], float32
+                scores = tl.where(sink[None, :], s0[:, None], scores)
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        if SINK:
+            if start == 0:      # the sink's share of the output, in float32, outside the dot
+                p0 = tl.sum(tl.where(sink[None, :], p, 0.0), axis=1)       # [BLOCK_G]
+                acc += p0[:, None] * vs0[None, :]
         if FMT == 3:
             v = _int4_tile(vc_ptr, vs_ptr, vz_ptr, vr_ptr, rs_ptr, blk, pos % BLOCK_SIZE, valid, kvh,
                            Hkv, D, BLOCK_SIZE, BLOCK_N, False, VG, BITS)
@@ -165,7 +200,12 @@ def _decode_v3_partition_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kz_ptr, v
             v_sc = tl.load(vs_ptr + tok * Hkv + kvh, mask=valid, other=0.0).to(tl.float32)
             p = p * v_sc[None, :]
             v = _int8_to_fp16(v)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dot_ty), v.to(dot_ty), input_precision=PRECISION)
+        v = v.to(dot_ty)
+        if SINK:
+            if start == 0:      # the cache's copy of position 0 takes no part (even if NaN)
+                p = tl.where(sink[None, :], 0.0, p)
+                v = tl.where(sink[:, None], 0.0, v)
+        acc += tl.dot(p.to(dot_ty), v, input_precision=PRECISION)
         m = m_new
     if FMT == 2:
         # V's scale is the same for every token of the head: scale the sum once, at the end.
@@ -219,12 +259,15 @@ def choose_partition(S: int, Hkv: int, max_ctx: int, block_n: int, device) -> in
 def paged_decode_attention_v3(q, k_cache, v_cache, block_tables, context_lens, scale,
                               k_scale=None, v_scale=None, out=None, partition_size=None,
                               block_n=64, num_warps=4, num_stages=2, k_zero=None, v_zero=None,
-                              k_res=None, v_res=None, res_slot=None):
+                              k_res=None, v_res=None, res_slot=None, sink_k=None, sink_v=None,
+                              sink_slot=None):
     """q [S, Hq, D]; caches [NB, BS, Hkv, D] in q's dtype, int8 or float8_e4m3fn (then with
     k_scale/v_scale as in docs/architecture.md section 4) -> [S, Hq, D] in q's dtype.
     int4: uint8 caches [NB, BS, Hkv, D/2] (int2: [NB, BS, Hkv, D/4]) with k_scale, k_zero
     [NB, Hkv, D], v_scale, v_zero [NB, BS, Hkv, D/32] (float16), the residual pool k_res, v_res
     [R, BS, Hkv, D] in q's dtype and res_slot int32 [NB] (reshape_and_cache_int4).
+    Any format: the attention-sink pool sink_k, sink_v [R, Hkv, D] in q's dtype and sink_slot
+    int32 [NB], all three or none (module docstring; rows must lie in [0, R), unchecked).
 
     The grid is sized from block_tables.shape[1] * BS (an upper bound on the context that needs
     no device-to-host sync); `partition_size` (a multiple of block_n) overrides the heuristic.
@@ -242,6 +285,8 @@ def paged_decode_attention_v3(q, k_cache, v_cache, block_tables, context_lens, s
             raise ValueError("k_zero, v_zero, k_res, v_res, res_slot are only for an int4 or int2 "
                              f"(uint8) cache, not {k_cache.dtype}")
         per_head = check_scales(fmt, k_cache, k_scale, v_scale)
+    sink = check_sink(sink_k, sink_v, sink_slot, H=Hkv, D=D, NB=k_cache.shape[0], dtype=q.dtype,
+                      device=q.device)
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     out = torch.empty_like(q) if out is None else out
@@ -259,7 +304,8 @@ def paged_decode_attention_v3(q, k_cache, v_cache, block_tables, context_lens, s
         plse = torch.empty(S, Hq, P, device=q.device, dtype=torch.float32)
     qk_scale = scale * LOG2E
     dummy = context_lens
-    opt = [t if t is not None else dummy for t in (k_scale, v_scale, *int4)]
+    opt = [t if t is not None else dummy
+           for t in (k_scale, v_scale, *int4, sink_k, sink_v, sink_slot)]
     _decode_v3_partition_kernel[(S, Hkv, P)](
         q, k_cache, v_cache, *opt, block_tables, context_lens, po, plse,
         qk_scale, block_tables.shape[1], P, k_cache.stride(0), k_cache.stride(1),
@@ -267,7 +313,7 @@ def paged_decode_attention_v3(q, k_cache, v_cache, block_tables, context_lens, s
         BLOCK_G=max(16, next_pow2(Hq // Hkv)), BLOCK_N=block_n, PART=part, FMT=fmt,
         SCALE_STRIDE_H=per_head, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FP16_DOT=fmt != FMT_FLOAT and q.dtype == torch.bfloat16, DIRECT=P == 1, VG=value_group(D),
-        BITS=bits, num_warps=num_warps, num_stages=num_stages)
+        BITS=bits, SINK=sink, num_warps=num_warps, num_stages=num_stages)
     if P > 1:
         _decode_v3_reduce_kernel[(S * Hq,)](po, plse, out, P, D=D, BLOCK_P=next_pow2(P))
     return out

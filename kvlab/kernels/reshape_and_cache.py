@@ -20,6 +20,14 @@ Formats (docs/architecture.md, section 4), picked by the cache dtype:
                      rows go to a full-precision residual pool first and a block is quantized when
                      its last slot is written; see reshape_and_cache_int4, which this dispatches to
 
+Attention sinks (docs/status.md, item 4): a cache may keep each sequence's first token in full
+precision in a small sink pool, sink_k, sink_v [R, Hkv, D] in the model dtype, with sink_slot
+int32 [NB] naming the pool row of block b's offset-0 token (-1: none; the caller hands out rows,
+the kernels only read them). A token written at offset 0 of a block with a row is also stored
+there, as it arrives (fp8 with smoothed keys: k - shift), cast to the pool's dtype. Its quantized
+store is unchanged, so the cache bytes are the same with sinks on or off; only the int4/int2 key
+scales of a sink's block change (reshape_and_cache_int4).
+
 Division: torch divides float32 with IEEE round-to-nearest; Triton's `/` on an NVIDIA GPU emits
 the approximate div.full.f32 (up to 2 ulp off), so the kernels divide with tl.math.div_rn.
 Rounding: `round` must be round-half-to-even to match torch.round bit for bit. Triton has no
@@ -32,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvlab.kernels._checks import FLOAT_DTYPES, check_head_dim, check_tensor, next_pow2
+from kvlab.kernels._checks import FLOAT_DTYPES, check_head_dim, check_sink, check_tensor, next_pow2
 
 FMT_FLOAT, FMT_INT8, FMT_FP8, FMT_INT4 = 0, 1, 2, 3
 _RINT_MAGIC = 12582912.0  # 1.5 * 2**23
@@ -81,10 +89,25 @@ def _quantize_store(x, cache_ptr, scale_ptr, dst, sdst, h, mask, hmask,
 
 
 @triton.jit
+def _store_sink(k, v, sk_ptr, sv_ptr, ss_ptr, slot, h, d, mask, H,
+                BLOCK_SIZE: tl.constexpr, D: tl.constexpr):
+    """If the token took offset 0 of a block with a sink row (sink_slot[block] >= 0), also store
+    its k, v [BLOCK_H, D] rows unquantized, in the sink pool's dtype, into that row."""
+    srow = tl.load(ss_ptr + tl.maximum(slot, 0) // BLOCK_SIZE).to(tl.int64)
+    first = tl.where((slot >= 0) & (slot % BLOCK_SIZE == 0), srow, -1)   # -1: not a sink
+    mask = mask & ((h * 0 + first) >= 0)                         # (mask is False for slot < 0)
+    dst = (tl.maximum(srow, 0) * H + h) * D + d                  # sink_k, sink_v [R, H, D]
+    tl.store(sk_ptr + dst, k.to(sk_ptr.dtype.element_ty), mask=mask)
+    tl.store(sv_ptr + dst, v.to(sv_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _reshape_and_cache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
+                              sk_ptr, sv_ptr, ss_ptr,
                               H, stride_cb, stride_ct, stride_sb, stride_st,
                               BLOCK_SIZE: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr,
-                              FMT: tl.constexpr, SCALE_STRIDE_H: tl.constexpr):
+                              FMT: tl.constexpr, SCALE_STRIDE_H: tl.constexpr,
+                              SINK: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + n)
     blk = slot // BLOCK_SIZE
@@ -98,6 +121,8 @@ def _reshape_and_cache_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot
     sdst = blk * stride_sb + off * stride_st + h                 # int8 scales [NB, BS, H]
     k = tl.load(k_ptr + src, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + src, mask=mask, other=0.0).to(tl.float32)
+    if SINK:   # float32 holds every float16 / bfloat16 value: the cast back is exact
+        _store_sink(k, v, sk_ptr, sv_ptr, ss_ptr, slot, h, d, mask, H, BLOCK_SIZE, D)
     _quantize_store(k, kc_ptr, ks_ptr, dst, sdst, h, mask, hmask, FMT, SCALE_STRIDE_H)
     _quantize_store(v, vc_ptr, vs_ptr, dst, sdst, h, mask, hmask, FMT, SCALE_STRIDE_H)
 
@@ -144,16 +169,24 @@ def check_scales(fmt: int, k_cache, k_scale, v_scale) -> int:
 def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                       v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                       k_scale: torch.Tensor | None = None,
-                      v_scale: torch.Tensor | None = None, **int4) -> None:
+                      v_scale: torch.Tensor | None = None, *,
+                      sink_k: torch.Tensor | None = None, sink_v: torch.Tensor | None = None,
+                      sink_slot: torch.Tensor | None = None, **int4) -> None:
     """Write k, v [N, Hkv, D] into slots `slot_mapping` [N] (int64) of [NB, BS, Hkv, D] caches.
 
     For an int8 cache, k_scale/v_scale [NB, BS, Hkv] float16 are written too; for fp8 they are
     read (per tensor [] or per KV head [Hkv]). A uint8 cache is packed int4 or int2 and needs the keyword
     arguments k_zero, v_zero, k_res, v_res, res_slot (reshape_and_cache_int4).
+
+    Attention sinks (every format; all three or none): the sink pool sink_k, sink_v [R, Hkv, D]
+    in k's dtype and sink_slot int32 [NB], the pool row of block b's offset-0 token or -1. A
+    token written at offset 0 of a block with a row is also stored there, unquantized; its
+    quantized store is unchanged. Rows must lie in [0, R): they are not checked on the host.
     """
     if isinstance(k_cache, torch.Tensor) and k_cache.dtype == torch.uint8:
         from kvlab.kernels.reshape_and_cache_int4 import reshape_and_cache_int4
-        return reshape_and_cache_int4(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, **int4)
+        return reshape_and_cache_int4(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale,
+                                      sink_k=sink_k, sink_v=sink_v, sink_slot=sink_slot, **int4)
     if int4:
         raise ValueError(f"{', '.join(sorted(int4))}: only for an int4 or int2 (uint8) cache, "
                          f"not {getattr(k_cache, 'dtype', type(k_cache).__name__)}")
@@ -168,11 +201,13 @@ def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     check_tensor("slot_mapping", slot_mapping, dtypes=(torch.int64,), shape=(N,), device=k.device)
     fmt = cache_format(k_cache)
     per_head = check_scales(fmt, k_cache, k_scale, v_scale)
+    sink = check_sink(sink_k, sink_v, sink_slot, H=H, D=D, NB=NB, dtype=k.dtype, device=k.device)
     if N == 0:
         return
-    dummy = k_cache  # a pointer for the unused scale arguments
+    dummy = k_cache  # a pointer for the unused scale and sink arguments
+    opt = [t if t is not None else dummy for t in (k_scale, v_scale)]
+    sinks = (sink_k, sink_v, sink_slot) if sink else (dummy,) * 3
     _reshape_and_cache_kernel[(N,)](
-        k, v, k_cache, v_cache,
-        k_scale if k_scale is not None else dummy, v_scale if v_scale is not None else dummy,
-        slot_mapping, H, k_cache.stride(0), k_cache.stride(1),
-        BS * H, H, BLOCK_SIZE=BS, D=D, BLOCK_H=next_pow2(H), FMT=fmt, SCALE_STRIDE_H=per_head)
+        k, v, k_cache, v_cache, *opt, slot_mapping, *sinks, H, k_cache.stride(0), k_cache.stride(1),
+        BS * H, H, BLOCK_SIZE=BS, D=D, BLOCK_H=next_pow2(H), FMT=fmt, SCALE_STRIDE_H=per_head,
+        SINK=sink)

@@ -20,6 +20,14 @@ last slot of its block: read the block's BS full-precision rows back and write
     codes   q = round((x - zero) / scale) clamped to 0..15, two per byte, low nibble = even
             channel -> k_cache, v_cache uint8 [NB, BS, Hkv, D / 2]
 
+Attention sinks (optional; the pool is described in reshape_and_cache): launch 1 also copies a
+token written at offset 0 of a block with a sink row (sink_slot[block] >= 0) into that row, and
+launch 2 takes such a block's key min and max over its tokens 1 .. BS-1 only, so that a sink key
+far from the others does not widen every channel's step. Token 0's codes are still computed with
+those scales, clamped to the code range, and never read: decode reads the sink row instead. This
+is kvlab.quant.int4.quantize_keys(block, bits, skip_first=True); values are per token and do not
+change. A sink needs BS >= 2.
+
 int2 is the same kernel with BITS = 2 (kvlab.quant.int4 with bits=2): scale = (max - zero) / 3,
 codes 0..3, four per byte, channel 4j + i in bits 2i and 2i + 1 -> uint8 [NB, BS, Hkv, D / 4].
 Which one a cache holds is read from its shape: the last dimension is D * BITS / 8 (`packed_bits`).
@@ -45,8 +53,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kvlab.kernels._checks import FLOAT_DTYPES, check_head_dim, check_tensor, next_pow2
-from kvlab.kernels.reshape_and_cache import _rint
+from kvlab.kernels._checks import FLOAT_DTYPES, check_head_dim, check_sink, check_tensor, next_pow2
+from kvlab.kernels.reshape_and_cache import _rint, _store_sink
 from kvlab.quant.residual import sealed_blocks  # noqa: F401  (the blocks a write seals; re-exported)
 
 VALUE_GROUP = 32                       # as kvlab.quant.int4.VALUE_GROUP
@@ -104,8 +112,9 @@ def _codes(x, zero, scale, LEVELS: tl.constexpr):
 
 
 @triton.jit
-def _residual_write_kernel(k_ptr, v_ptr, kr_ptr, vr_ptr, rslot_ptr, slot_ptr, H,
-                           BLOCK_SIZE: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr):
+def _residual_write_kernel(k_ptr, v_ptr, kr_ptr, vr_ptr, rslot_ptr, slot_ptr, sk_ptr, sv_ptr,
+                           ss_ptr, H, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
+                           BLOCK_H: tl.constexpr, SINK: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + n)
     blk = tl.maximum(slot, 0) // BLOCK_SIZE
@@ -119,12 +128,15 @@ def _residual_write_kernel(k_ptr, v_ptr, kr_ptr, vr_ptr, rslot_ptr, slot_ptr, H,
     v = tl.load(v_ptr + src, mask=mask, other=0.0)
     tl.store(kr_ptr + dst, k.to(kr_ptr.dtype.element_ty), mask=mask)
     tl.store(vr_ptr + dst, v.to(vr_ptr.dtype.element_ty), mask=mask)
+    if SINK:
+        _store_sink(k, v, sk_ptr, sv_ptr, ss_ptr, slot, h, d, mask, H, BLOCK_SIZE, D)
 
 
 @triton.jit
 def _seal_kernel(kr_ptr, vr_ptr, rslot_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz_ptr,
-                 vs_ptr, vz_ptr, H, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
-                 BLOCK_T: tl.constexpr, VG: tl.constexpr, BITS: tl.constexpr):
+                 vs_ptr, vz_ptr, ss_ptr, H, BLOCK_SIZE: tl.constexpr, D: tl.constexpr,
+                 BLOCK_T: tl.constexpr, VG: tl.constexpr, BITS: tl.constexpr,
+                 SINK: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     PER: tl.constexpr = 8 // BITS                                # codes per byte
@@ -139,12 +151,16 @@ def _seal_kernel(kr_ptr, vr_ptr, rslot_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, kz
         src = ((row * BLOCK_SIZE + t) * H + h) * D + PER * e     # channel PER*e of each token
         dst = ((blk * BLOCK_SIZE + t) * H + h) * (D // PER) + e  # codes [NB, BS, H, D/PER]
 
-        # keys: per channel, min and max over the block's tokens; code i of a byte in bits i*BITS
+        # keys: per channel, min and max over the block's tokens (but a sink: its token 0 is
+        # read from the sink pool, and its codes are clamped); code i of a byte in bits i*BITS
+        stats = tmask
+        if SINK:
+            stats = tmask & ((t > 0) | (tl.load(ss_ptr + blk) < 0))
         qk = tl.zeros([BLOCK_T, D // PER], tl.int32)
         for i in tl.static_range(PER):
             k = tl.load(kr_ptr + src + i, mask=tmask, other=0.0).to(tl.float32)
-            z, sc = _params(tl.min(tl.where(tmask, k, float("inf")), axis=0),
-                            tl.max(tl.where(tmask, k, float("-inf")), axis=0), LEVELS)
+            z, sc = _params(tl.min(tl.where(stats, k, float("inf")), axis=0),
+                            tl.max(tl.where(stats, k, float("-inf")), axis=0), LEVELS)
             qk |= _codes(k, z[None, :], sc[None, :], LEVELS) << (i * BITS)
             c = (blk * H + h) * D + PER * tl.arange(0, D // PER) + i    # k_scale, k_zero [NB, H, D]
             tl.store(ks_ptr + c, sc)
@@ -207,15 +223,17 @@ def check_int4_cache(k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, k_res, 
 
 
 def reshape_and_cache_int4(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, *, k_zero,
-                           v_zero, k_res, v_res, res_slot, check_slots: bool = True) -> None:
+                           v_zero, k_res, v_res, res_slot, sink_k=None, sink_v=None,
+                           sink_slot=None, check_slots: bool = True) -> None:
     """Write k, v [N, Hkv, D] into the residual rows of their slots, then quantize every block
     whose last slot is among `slot_mapping` (see the module docstring for the layout). int4 or
-    int2 by the cache's last dimension, D / 2 or D / 4.
+    int2 by the cache's last dimension, D / 2 or D / 4. sink_k, sink_v [R, Hkv, D] (k's dtype)
+    and sink_slot int32 [NB]: the attention-sink pool, all three or none (module docstring).
 
     Every block written must have a residual row (res_slot[slot // BS] in [0, R)) and every slot
-    must exist: a ValueError otherwise. That check reads slot_mapping and res_slot on the host (a
-    device sync); `check_slots=False` skips it, and then a token whose block has no row is
-    silently not written."""
+    must exist, and every sink row written must lie in [0, sink_k.shape[0]): a ValueError
+    otherwise. That check reads slot_mapping, res_slot and sink_slot on the host (a device sync);
+    `check_slots=False` skips it, and then a token whose block has no row is silently not written."""
     check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=3)
     N, H, D = k.shape
     check_head_dim(D)
@@ -227,6 +245,10 @@ def reshape_and_cache_int4(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scal
     if Hc != H:
         raise ValueError(f"k has {H} KV heads but k_cache has {Hc}")
     check_tensor("slot_mapping", slot_mapping, dtypes=(torch.int64,), shape=(N,), device=k.device)
+    sink = check_sink(sink_k, sink_v, sink_slot, H=H, D=D, NB=NB, dtype=k.dtype, device=k.device)
+    if sink and BS < 2:
+        raise ValueError("sink_slot: a sink's block takes its key scales from its other tokens, "
+                         f"so int{bits} sinks need a block size of at least 2, got {BS}")
     if N == 0:
         return
     used = slot_mapping[slot_mapping >= 0] if check_slots else slot_mapping[:0]
@@ -238,8 +260,12 @@ def reshape_and_cache_int4(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scal
         if bool((rows < 0).any()) or int(rows.max()) >= k_res.shape[0]:
             raise ValueError("every written block needs a residual row: res_slot[slot // "
                              f"block_size] must lie in [0, {k_res.shape[0]}) for each slot")
-    _residual_write_kernel[(N,)](k, v, k_res, v_res, res_slot, slot_mapping, H,
-                                 BLOCK_SIZE=BS, D=D, BLOCK_H=next_pow2(H))
+        firsts = used[used % BS == 0] // BS                      # blocks whose token 0 is written
+        if sink and firsts.numel() and int(sink_slot[firsts].max()) >= sink_k.shape[0]:
+            raise ValueError(f"sink_slot names a row past the sink pool ({sink_k.shape[0]} rows)")
+    sinks = (sink_k, sink_v, sink_slot) if sink else (res_slot,) * 3   # dummies when off
+    _residual_write_kernel[(N,)](k, v, k_res, v_res, res_slot, slot_mapping, *sinks, H,
+                                 BLOCK_SIZE=BS, D=D, BLOCK_H=next_pow2(H), SINK=sink)
     _seal_kernel[(N, H)](k_res, v_res, res_slot, slot_mapping, k_cache, v_cache, k_scale, k_zero,
-                         v_scale, v_zero, H, BLOCK_SIZE=BS, D=D, BLOCK_T=next_pow2(BS),
-                         VG=value_group(D), BITS=bits)
+                         v_scale, v_zero, sinks[2], H, BLOCK_SIZE=BS, D=D, BLOCK_T=next_pow2(BS),
+                         VG=value_group(D), BITS=bits, SINK=sink)
