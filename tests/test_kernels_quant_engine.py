@@ -30,6 +30,7 @@ KIVI = ("int4", "int2")
 
 
 def caches(fmt, L, NB, bs, Hkv, D, **kw):
+    """The same quantized cache on the torch backend and on the triton backend."""
     return [QuantizedPagedKVCache(L, NB, bs, Hkv, D, device=DEVICE, kv_cache_dtype=fmt,
                                   attention_backend=b, **kw) for b in ("torch", "triton")]
 
@@ -54,21 +55,25 @@ def assert_same_bytes(fmt, a, b, where):
             if x.dtype == torch.float8_e4m3fn:
                 x, y = x.view(torch.uint8), y.view(torch.uint8)
             assert torch.equal(x, y), f"{where}: {name}[{layer}] differs"
-    if fmt in KIVI:
-        ra, rb = a.residual, b.residual
+    pools = ([(a.residual, b.residual)] if fmt in KIVI else []) + \
+        ([(a.sinks, b.sinks)] if a.sinks is not None else [])
+    for ra, rb in pools:                      # int4's residual rows, the sink rows
         assert torch.equal(ra.res_slot, rb.res_slot) and ra.free == rb.free, where
         for x, y in zip(ra.k_res + ra.v_res, rb.k_res + rb.v_res):
-            assert torch.equal(x, y), f"{where}: residual rows differ"
+            assert torch.equal(x, y), f"{where}: full-precision rows differ"
 
 
+@pytest.mark.parametrize("sink", [False, True], ids=["nosink", "sink"])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_steps_store_same_bytes(fmt):
+def test_steps_store_same_bytes(fmt, sink):
     """Two layers, blocks of 4. A packed prefill (6 and 3 tokens: a block filled inside it), 6
     decode steps, then a third prompt prefilled into a freed partial block (9, whose int4 row is
     reused) and a freed sealed one (7), and 2 decode steps: after every step the torch and triton
-    caches hold the same bytes, and the layer outputs agree to 1e-5."""
+    caches hold the same bytes, and the layer outputs agree to 1e-5. With `sink`, the first
+    blocks (3, 5, then 9) keep their position-0 token in full precision (keep_sink_token).
+    Sink rows and int4 first-block scales are checked by assert_same_bytes too."""
     L, NB, bs, Hkv, group, D = 2, 10, 4, 2, 3, 32
-    kw = {}
+    kw = dict(keep_sink_token=sink)
     if fmt == "fp8":  # a per-tensor and a per-head layer, and smoothed keys (stored minus a shift)
         shift = [torch.randn(Hkv, D, generator=torch.Generator().manual_seed(layer)) for layer in range(L)]
         kw["fp8_calibration"] = fp8.Fp8Calibration([torch.tensor(0.02), torch.tensor([0.01, 0.03])],
@@ -96,10 +101,13 @@ def test_steps_store_same_bytes(fmt):
         # whose 8 tokens fill both blocks: no row stays in use
         assert fused.residual.res_slot.eq(-1).all() and fused.num_residual_blocks == 0
         assert (fused.k_scale[0][[3, 7, 1, 5, 0, 9]] != 0).any(-1).all()
+    if sink:                                  # the three first blocks hold a sink row each
+        assert fused.sinks.rows_in_use == 3 and (fused.sinks.res_slot[[3, 5, 9]] >= 0).all()
 
 
+@pytest.mark.parametrize("sink", [False, True], ids=["nosink", "sink"])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_llm_greedy_triton_equals_torch(tiny_model, fmt):
+def test_llm_greedy_triton_equals_torch(tiny_model, fmt, sink):
     """kvlab.LLM greedy tokens with the fused kernels == with the torch backend, blocks of 8,
     prompts of 21 and 6 tokens in one batch, then a prompt sharing the first one's 16-token
     prefix (a prefix-cache hit: its prefill attends over cached quantized blocks). Layer 0's K/V
@@ -112,7 +120,7 @@ def test_llm_greedy_triton_equals_torch(tiny_model, fmt):
     runs = {}
     for backend in ("torch", "triton"):
         llm = LLM(model, block_size=8, num_kv_blocks=24, max_model_len=64,
-                  attention_backend=backend, kv_cache_dtype=fmt)
+                  attention_backend=backend, kv_cache_dtype=fmt, keep_sink_token=sink)
         first = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         second = llm.generate([later], params, use_tqdm=False)[0]
         assert second.num_cached_tokens == 16
