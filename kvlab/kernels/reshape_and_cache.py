@@ -20,7 +20,7 @@ Formats (docs/architecture.md, section 4), picked by the cache dtype:
                      rows go to a full-precision residual pool first and a block is quantized when
                      its last slot is written; see reshape_and_cache_int4, which this dispatches to
 
-Attention sinks (docs/status.md, item 4): a cache may keep each sequence's first token in full
+Attention sinks (kvlab/quant/sink.py): a cache may keep each sequence's first token in full
 precision in a small sink pool, sink_k, sink_v [R, Hkv, D] in the model dtype, with sink_slot
 int32 [NB] naming the pool row of block b's offset-0 token (-1: none; the caller hands out rows,
 the kernels only read them). A token written at offset 0 of a block with a row is also stored

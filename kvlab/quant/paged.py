@@ -172,12 +172,6 @@ class QuantizedPagedKVCache:
             a.update(sink_args(self.sinks, layer))
         return a
 
-    def _sink_rows(self, blocks: torch.Tensor) -> torch.Tensor:
-        """Sink row of each block id (-1: none), all -1 when sinks are off."""
-        if self.sinks is None:
-            return torch.full_like(blocks, -1, dtype=torch.long)
-        return self.sinks.res_slot[blocks.long()].long()
-
     # ---- the PyTorch reference: write and read ------------------------------------------------
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Quantize k, v [N, Hkv, D] into `slots` with kvlab.quant (what the write kernels do)."""
@@ -210,7 +204,9 @@ class QuantizedPagedKVCache:
                  self.k_zero[layer][b]) = int4.quantize_keys(res.k_res[layer][r], self.bits, skip_first=sink)
                 (self.v_cache[layer][b], self.v_scale[layer][b],
                  self.v_zero[layer][b]) = int4.quantize_values(res.v_res[layer][r], bits=self.bits)
-        rows = self._sink_rows(slots // BS)
+        if self.sinks is None:
+            return
+        rows = self.sinks.res_slot[slots // BS].long()
         hit = (slots % BS == 0) & (rows >= 0)    # position 0 of a sequence: also kept unquantized
         if bool(hit.any()):
             for x, pool in ((self._smooth(layer, k), self.sinks.k_res[layer]), (v, self.sinks.v_res[layer])):
@@ -221,7 +217,9 @@ class QuantizedPagedKVCache:
         int4 blocks that still hold a residual row are read from it, and the offset-0 token of a
         block with a sink row from that row."""
         k, v = self._dequantize(layer, blocks.long())
-        rows = self._sink_rows(blocks)
+        if self.sinks is None:
+            return k, v
+        rows = self.sinks.res_slot[blocks.long()].long()
         hot = rows >= 0
         if bool(hot.any()):
             sk = self.sinks.k_res[layer][rows[hot], 0]
