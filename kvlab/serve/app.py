@@ -131,7 +131,7 @@ def build_app(llm, model_name: str, max_waiting: int = 256, max_body_bytes: int 
         parts = [f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
                  for e in errs[:5]]
         loc = [str(x) for x in (errs[0].get("loc", ()) if errs else ()) if x != "body"]
-        return _error(400, "; ".join(parts) or "invalid request", param=".".join(loc) or None)
+        return _error(400, "; ".join(parts) or "invalid request", param=loc[0] if loc else None)
 
     @app.exception_handler(RequestError)
     async def _refused(request, exc: RequestError):

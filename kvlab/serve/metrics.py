@@ -68,37 +68,38 @@ class ServerMetrics:
         self.request_success = Counter("vllm:request_success", "Finished requests, by finish reason.",
                                        labelnames=["model_name", "finished_reason"], registry=self.registry)
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "HTTP arrival to first token.",
-                              buckets=TTFT_BUCKETS, **kw)
+                              buckets=TTFT_BUCKETS, **kw).labels(model_name)
         self.itl = Histogram("vllm:inter_token_latency_seconds", "Gap between consecutive tokens of a request.",
-                             buckets=TPOT_BUCKETS, **kw)
+                             buckets=TPOT_BUCKETS, **kw).labels(model_name)
         self.tpot = Histogram("vllm:request_time_per_output_token_seconds",
-                              "Per request: (last token - first token) / (tokens - 1).", buckets=TPOT_BUCKETS, **kw)
+                              "Per request: (last token - first token) / (tokens - 1).",
+                              buckets=TPOT_BUCKETS, **kw).labels(model_name)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "HTTP arrival to the request's end.",
-                             buckets=E2E_BUCKETS, **kw)
+                             buckets=E2E_BUCKETS, **kw).labels(model_name)
         self.prompt_len = Histogram("vllm:request_prompt_tokens", "Prompt tokens per finished request.",
-                                    buckets=TOKEN_BUCKETS, **kw)
+                                    buckets=TOKEN_BUCKETS, **kw).labels(model_name)
         self.gen_len = Histogram("vllm:request_generation_tokens", "Generated tokens per finished request.",
-                                 buckets=TOKEN_BUCKETS, **kw)
+                                 buckets=TOKEN_BUCKETS, **kw).labels(model_name)
         for reason in ("stop", "length", "abort"):   # present at 0 from the start
             self.request_success.labels(model_name, reason)
 
     def observe_token(self, arrival: float, first: float | None, previous: float | None, now: float) -> None:
         """A request's token reached the server at `now` (first: its first token's time, or None)."""
         if first is None:
-            self.ttft.labels(self.model_name).observe(now - arrival)
+            self.ttft.observe(now - arrival)
         elif previous is not None:
-            self.itl.labels(self.model_name).observe(now - previous)
+            self.itl.observe(now - previous)
 
     def observe_finished(self, reason: str, arrival: float, first: float | None, last: float | None,
                          num_prompt_tokens: int, num_generated: int, now: float) -> None:
         self.request_success.labels(self.model_name, reason).inc()
         if reason == "abort":
             return
-        self.e2e.labels(self.model_name).observe(now - arrival)
-        self.prompt_len.labels(self.model_name).observe(num_prompt_tokens)
-        self.gen_len.labels(self.model_name).observe(num_generated)
+        self.e2e.observe(now - arrival)
+        self.prompt_len.observe(num_prompt_tokens)
+        self.gen_len.observe(num_generated)
         if num_generated > 1 and first is not None and last is not None:
-            self.tpot.labels(self.model_name).observe((last - first) / (num_generated - 1))
+            self.tpot.observe((last - first) / (num_generated - 1))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
