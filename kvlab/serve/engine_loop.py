@@ -2,7 +2,7 @@
 
 `kvlab.LLM` is not thread-safe, and it needs no locking here: only `EngineLoop.run` touches it.
 Between two steps, on the event loop's thread, it hands the engine the requests and aborts that
-handlers queued (`submit`, `abort`); then it runs `LLM.step()` in a worker thread (the event loop
+handlers queued (`submit`, `abort`); then it runs `LLM.step()` in its own worker thread (the event loop
 keeps serving HTTP meanwhile) and routes each RequestOutput to the asyncio.Queue of the handler
 that owns the request. Requests from all connections share the engine's continuous batch.
 
@@ -16,7 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
+import torch
 
 from kvlab.engine.outputs import RequestOutput
 from kvlab.serve.metrics import ServerMetrics
@@ -70,6 +73,9 @@ class EngineLoop:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self.error: str | None = None   # set if the loop died; /health reports it
+        # one thread steps the engine, with the caller's torch thread count (OpenMP's is per thread)
+        self._executor = ThreadPoolExecutor(1, "kvlab-engine", initializer=torch.set_num_threads,
+                                            initargs=(torch.get_num_threads(),))
         metrics.snapshot = llm.get_metrics()
 
     # ---- handlers' side ----------------------------------------------------------------------
@@ -117,6 +123,7 @@ class EngineLoop:
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
         self._fail_all("the server is shutting down")
+        self._executor.shutdown(wait=True)
 
     def _fail_all(self, message: str) -> None:
         for sub in self._submissions:
@@ -183,7 +190,7 @@ class EngineLoop:
                     await self._wake.wait()
                 continue
             try:
-                outputs = await asyncio.to_thread(self.llm.step)
+                outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self.llm.step)
             except Exception as e:   # the engine's state is unknown: fail everyone, keep serving
                 log.exception("engine step failed")
                 self.error = f"engine step failed: {type(e).__name__}: {e}"
