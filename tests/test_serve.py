@@ -379,3 +379,42 @@ def test_overload_gets_503_and_shutdown_is_clean(tiny_folder):
         assert rest == [] or rest[-1].startswith("data: ")
     finally:
         s.stop()
+
+
+# ---- pieces without a server -------------------------------------------------------------------
+def test_stream_text_never_takes_back_what_it_sent():
+    from kvlab.serve.protocol import StreamText
+
+    rng = random.Random(1)
+    for _ in range(500):
+        stop = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(0, 2))]
+        full = "".join(rng.choice("ab \ufffd") for _ in range(rng.randint(0, 15)))
+        hold = max((len(s) for s in stop), default=1) - 1
+        st, sent = StreamText(stop), ""
+        for i in range(len(full)):
+            before = len(sent)
+            sent += st.next(full[:i], False)
+            # no partial character at the end, and the stop-string margin held back
+            assert len(sent) <= max(before, len(full[:i].rstrip("\ufffd")) - hold)
+            assert full.startswith(sent)
+        cut = full[:rng.randint(len(sent), len(full))]   # the engine's final text: cut by a stop string
+        sent += st.next(cut, True)
+        assert sent == cut
+
+
+def test_load_trace_is_seeded_and_shares_system_prompts():
+    from kvlab.serve.loadgen import build_trace, summarize
+
+    a, b = build_trace(40, 2.0, seed=3), build_trace(40, 2.0, seed=3)
+    assert a == b and a != build_trace(40, 2.0, seed=4)
+    assert all(x.arrival < y.arrival for x, y in zip(a, a[1:]))
+    heads = [tuple(j.prompt[:64]) for j in a if len(j.prompt) > 64]
+    assert 1 < len(set(heads)) < len(heads)   # some requests share one of a few system prompts
+    assert all(len(j.prompt) + j.max_tokens <= 512 for j in a)
+    results = [{"ok": True, "error": None, "tokens": 3, "ttft": t, "tpot": 0.1, "itl": [0.1, 0.1], "e2e": t + 0.2,
+                "end": 10.0} for t in (0.5, 1.5, 5.0)] + [{"ok": False, "error": "HTTP 503", "tokens": 0,
+                                                          "ttft": None, "tpot": None, "itl": [], "e2e": 1, "end": 9}]
+    jobs = [a[0]] * 4
+    s = summarize(results, jobs, ttft_slo=2.0, tpot_slo=0.2)
+    assert s["completed"] == 3 and s["failed"] == 1 and s["errors"] == ["HTTP 503"]
+    assert s["goodput"] == 2 / (10.0 - a[0].arrival) and s["slo_attainment"] == 0.5

@@ -28,6 +28,7 @@ from kvlab.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     RequestError,
+    StreamText,
     completion_choice,
     error_body,
     response,
@@ -75,24 +76,6 @@ class BodyLimit:
             return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
         await self.app(scope, replay, send)
-
-
-class _Delta:
-    """The text a stream may send now: never a partial character (U+FFFD at the end), and, while the
-    request runs, not the last len(longest stop string) - 1 characters, which a stop string might
-    still claim."""
-
-    def __init__(self, stop: list[str]):
-        self.sent, self.holdback = "", max((len(s) for s in stop), default=1) - 1
-
-    def next(self, text: str, finished: bool) -> str:
-        if not finished:
-            text = text.rstrip("\ufffd")
-            text = text[:max(len(self.sent), len(text) - self.holdback)]
-        if not text.startswith(self.sent):
-            return ""
-        delta, self.sent = text[len(self.sent):], text
-        return delta
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -263,7 +246,7 @@ def build_app(llm, model_name: str, max_waiting: int = 256, max_body_bytes: int 
         return response(rid, model_name, choices, chat, chunk=False, usage_=usage(n_prompt, n_gen))
 
     async def stream(req, rid, rids, index, queue, chat, params):
-        finished, deltas = set(), [_Delta(p.stop) for p in params]
+        finished, deltas = set(), [StreamText(p.stop) for p in params]
         n_prompt = n_gen = 0
         try:
             if chat:   # OpenAI's first chunk names the role

@@ -23,9 +23,16 @@ import numpy as np
 
 from kvlab.traces import SHAREGPT, TraceShape, make_trace
 
-# ShareGPT's shape with prompts x0.25 (mean 40 tokens) and outputs x0.1 (mean 34): a CPU-sized load
-CPU_SHAPE = TraceShape("ShareGPT, prompts x0.25, outputs x0.1", SHAREGPT.scaled(0.25, max_prompt=256).prompt,
-                       SHAREGPT.scaled(0.1, max_output=128).output)
+
+def cpu_shape(prompt_scale: float = 0.25, output_scale: float = 0.1) -> TraceShape:
+    """ShareGPT's length shape with its means scaled (prompts x0.25: mean 40 tokens, at most 256;
+    outputs x0.1: mean 34, at most 128): a load a CPU can serve."""
+    return TraceShape(f"ShareGPT, prompts x{prompt_scale:g}, outputs x{output_scale:g}",
+                      SHAREGPT.scaled(prompt_scale, max_prompt=256).prompt,
+                      SHAREGPT.scaled(output_scale, max_output=128).output)
+
+
+CPU_SHAPE = cpu_shape()
 
 
 @dataclass(frozen=True)

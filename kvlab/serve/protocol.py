@@ -128,6 +128,29 @@ class ChatCompletionRequest(_Request):
                 for m in self.messages]
 
 
+class StreamText:
+    """What a stream may send of a request's growing text, chunk by chunk.
+
+    `next(text, finished)` takes the request's whole completion text so far and returns the new part
+    to send. While the request runs it holds back a partial character (the decoder's U+FFFD at the
+    end, while a character's bytes are split over tokens) and the last len(longest stop string) - 1
+    characters, which a stop string might still claim (the engine then cuts the text before it).
+    Once finished, everything not yet sent goes. Sent text is never taken back.
+    """
+
+    def __init__(self, stop: list[str] | None = None):
+        self.sent, self.holdback = "", max((len(s) for s in stop or []), default=1) - 1
+
+    def next(self, text: str, finished: bool) -> str:
+        if not finished:
+            text = text.rstrip("\ufffd")
+            text = text[:max(len(self.sent), len(text) - self.holdback)]
+        if not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+
 # ---- responses ---------------------------------------------------------------------------------
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
