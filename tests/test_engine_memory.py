@@ -25,7 +25,7 @@ def _tensor_bytes(cache) -> int:
             stack.extend(obj)
         elif isinstance(obj, dict):
             stack.extend(obj.values())
-        elif hasattr(obj, "__dict__") and obj.__class__.__module__.startswith("kvlab.quant"):
+        elif hasattr(obj, "__dict__") and obj.__class__.__module__.startswith(("kvlab.cache", "kvlab.quant")):
             stack.extend(vars(obj).values())
     return total
 

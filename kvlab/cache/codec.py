@@ -8,7 +8,7 @@ student's, in the course): `codec` follows `kvlab.engine.protocols.KVFormat`, th
     read(store, blocks, dtype) -> (k, v)   # decode whole blocks -> [len(blocks), BS, Hkv, D] each
 
 and `CodecPagedKVCache` does the rest, the way the PyTorch reference of the built-in formats does
-(kvlab/quant/paged.py): each layer writes the new tokens through the codec, decodes the blocks
+(kvlab/cache/quantized.py): each layer writes the new tokens through the codec, decodes the blocks
 this step's block tables name into a small temporary pool (block ids remapped), and runs the
 attention backend's paged attention on it. The pool is sized by the bytes `storage` allocates
 for one block (`bytes_per_block`), so a denser format holds more tokens in the same budget.

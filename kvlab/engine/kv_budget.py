@@ -87,7 +87,7 @@ def kv_costs(fmt: str, codec, shape: dict, dtype: torch.dtype, max_num_seqs: int
     if fmt == "codec":
         from kvlab.cache.codec import CodecPagedKVCache
         return KVCosts(CodecPagedKVCache.bytes_per_block(codec, **shape))
-    from kvlab.quant.paged import QuantizedPagedKVCache
+    from kvlab.cache.quantized import QuantizedPagedKVCache
     itemsize = torch.empty((), dtype=dtype).element_size()
     costs = KVCosts(QuantizedPagedKVCache.bytes_per_block(**shape, dtype=dtype, kv_cache_dtype=fmt),
                     fixed_bytes=QuantizedPagedKVCache.fixed_bytes(L, H, D, fmt))

@@ -162,7 +162,7 @@ class LLM:
         if fmt == "codec":
             from kvlab.cache.codec import CodecPagedKVCache
             return CodecPagedKVCache(codec, **kw)
-        from kvlab.quant.paged import QuantizedPagedKVCache
+        from kvlab.cache.quantized import QuantizedPagedKVCache
         extra = {}
         if fp8_calibration is not None:
             extra["fp8_calibration"] = fp8_calibration

@@ -2,7 +2,7 @@
 
 `FakeQuantKVCache` quantizes each key and value on write and keeps the *dequantized* result
 (simulated or "fake" quantization). Attention then sees exactly the numbers a real quantized cache
-(`kvlab.quant.paged.QuantizedPagedKVCache`) dequantizes on read, without the paged bookkeeping, so
+(`kvlab.cache.quantized.QuantizedPagedKVCache`) dequantizes on read, without the paged bookkeeping, so
 it measures what a format costs in accuracy, and the tests check the two agree.
 
 Timing of quantization follows decoding exactly, for any number of new tokens per forward:
