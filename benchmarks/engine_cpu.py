@@ -256,6 +256,64 @@ def vs_vllm(args, argv):
     outputs: dict = {}    # (dtype, engine, workload) -> token ids (last round)
     vllm_info = {}
     log_path = out + "_vllm.log"
+    def write(final):
+        ref_key = "kvlab reference" if "reference" in variants else f"kvlab {variants[0]}"
+        rows = []
+        for (dtype_name, name, wname), ts in times.items():
+            reqs = workloads[wname]
+            n = sum(m for _, m in reqs)
+            ref = outputs.get(("float32", ref_key, wname))
+            got = outputs[(dtype_name, name, wname)]
+            same = None if ref is None else sum(a == b for a, b in zip(got, ref))
+            rows.append(dict(dtype=dtype_name, engine=name, workload=wname, output_tokens=n,
+                             seconds=[round(t, 3) for t in ts], median_seconds=round(_median(ts), 3),
+                             median_tok_s=round(n / _median(ts), 2), same_as_fp32_reference=same,
+                             num_requests=len(reqs)))
+        for row in rows:   # ratio to vLLM in the same dtype and workload
+            v = next((x for x in rows if x["engine"] == "vLLM CPU" and x["dtype"] == row["dtype"]
+                      and x["workload"] == row["workload"]), None)
+            row["vs_vllm"] = None if v is None else round(row["median_tok_s"] / v["median_tok_s"], 3)
+
+        versions = dict(torch=torch.__version__, kvlab=kvlab.__version__, python=platform.python_version())
+        if vllm_info:
+            versions["vllm"] = next(iter(vllm_info.values()))["vllm"]
+            versions["vllm_torch"] = next(iter(vllm_info.values()))["torch"]
+        record = dict(
+            benchmark="engine_cpu_vllm",
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            command="python " + " ".join([os.path.relpath(__file__, ROOT)]
+                                         + (argv if argv is not None else sys.argv[1:])),
+            machine=machine_info(), threads=threads, uptime_start=uptime_start, uptime_end=uptime(),
+            load_average_start=load_at_start, load_average_end=os.getloadavg(), versions=versions,
+            vllm=vllm_info or f"skipped: {why_not}", vllm_eager=args.vllm_eager,
+            workload=dict(batch1_prompt_len=len(b1[0][0]), batch1_tokens=b1[0][1],
+                          mixed_prompt_lens=[len(p) for p, _ in mixed], mixed_output_lens=[m for _, m in mixed],
+                          seed=args.seed, greedy=True, ignore_eos=True, prefix_caching=False),
+            repeats=args.repeats, results=rows, smoke=smoke, complete=final,
+            goal="kvlab >= 1.0x vLLM CPU, float32 and bfloat16, batch 1 and 16 mixed; float32 greedy "
+                 "outputs identical to the float32 reference")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out + ".json", "w") as f:
+            json.dump(record, f, indent=2, default=str)
+        loaded = max(load_at_start[0], record["load_average_end"][0]) > 1.5 * threads
+        with open(out + ".md", "w") as f:
+            f.write(f"# engine_cpu_vllm: kvlab.LLM vs vLLM's CPU backend\n\n`{record['command']}`, {record['date']}, "
+                    f"{record['machine'].get('cpu', record['machine'])}, {threads} threads; versions {versions}; "
+                    + (f"vLLM {'enforce_eager' if args.vllm_eager else 'default (torch.compile)'}.\n\n"
+                   if not why_not else f"**vLLM peer skipped: {why_not}.**\n\n")
+                    + f"Load: `{uptime_start}` at start, `{record['uptime_end']}` at end. "
+                    + ("**The machine was loaded (other jobs running): absolute numbers are low and noisy; "
+                       "read the ratios within this run.**" if loaded else "") +
+                    f"\n\nMedian of {args.repeats} alternating rounds; tok/s = requested output tokens / wall "
+                    "seconds of the generate call.\n\n"
+                    "| dtype | workload | engine | tok/s (median) | x vLLM | greedy = fp32 reference "
+                    "| seconds per round |\n"
+                    "|---|---|---|---|---|---|---|\n")
+            for r in sorted(rows, key=lambda r: (r["dtype"] != "float32", r["workload"], r["engine"])):
+                f.write(f"| {r['dtype']} | {r['workload']} | {r['engine']} | {r['median_tok_s']} | "
+                        f"{'' if r['vs_vllm'] is None else str(r['vs_vllm']) + 'x'} | "
+                        f"{r['same_as_fp32_reference']}/{r['num_requests']} | {r['seconds']} |\n")
+
     for dtype_name in [d for d in args.dtypes.split(",") if d]:
         dtype = getattr(torch, dtype_name)
         model, _ = kvlab.load_model(dtype=dtype)
@@ -268,8 +326,8 @@ def vs_vllm(args, argv):
             print(f"vLLM ready: {peer.info}", flush=True)
         engines = {name: (lambda reqs, llm=llm: timed(kv_generate, llm, reqs)) for name, llm in llms.items()}
         if peer is not None:
-            engines["vLLM CPU"] = lambda reqs: peer.run([p for p, _ in reqs], [m for _, m in reqs])
-        for name, run in engines.items():   # warm-up: lazy initialisation, allocator growth, compiles
+            engines["vLLM CPU"] = lambda reqs, peer=peer: peer.run([p for p, _ in reqs], [m for _, m in reqs])
+        for run in engines.values():   # warm-up: lazy initialisation, allocator growth, compiles
             run([(b1[0][0], 2)])
             run(mixed[:2])
         for r in range(args.repeats):
@@ -284,60 +342,9 @@ def vs_vllm(args, argv):
         if peer is not None:
             peer.close()
         del llms, model
+        write(final=False)   # after each dtype: a run cut short keeps what it measured
+    write(final=True)
 
-    ref_key = "kvlab reference" if "reference" in variants else f"kvlab {variants[0]}"
-    rows = []
-    for (dtype_name, name, wname), ts in times.items():
-        reqs = workloads[wname]
-        n = sum(m for _, m in reqs)
-        ref = outputs.get(("float32", ref_key, wname))
-        got = outputs[(dtype_name, name, wname)]
-        same = None if ref is None else sum(a == b for a, b in zip(got, ref))
-        rows.append(dict(dtype=dtype_name, engine=name, workload=wname, output_tokens=n,
-                         seconds=[round(t, 3) for t in ts], median_seconds=round(_median(ts), 3),
-                         median_tok_s=round(n / _median(ts), 2), same_as_fp32_reference=same,
-                         num_requests=len(reqs)))
-    for row in rows:   # ratio to vLLM in the same dtype and workload
-        v = next((x for x in rows if x["engine"] == "vLLM CPU" and x["dtype"] == row["dtype"]
-                  and x["workload"] == row["workload"]), None)
-        row["vs_vllm"] = None if v is None else round(row["median_tok_s"] / v["median_tok_s"], 3)
-
-    versions = dict(torch=torch.__version__, kvlab=kvlab.__version__, python=platform.python_version())
-    if vllm_info:
-        versions["vllm"] = next(iter(vllm_info.values()))["vllm"]
-        versions["vllm_torch"] = next(iter(vllm_info.values()))["torch"]
-    record = dict(
-        benchmark="engine_cpu_vllm",
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command="python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:])),
-        machine=machine_info(), threads=threads, uptime_start=uptime_start, uptime_end=uptime(),
-        load_average_start=load_at_start, load_average_end=os.getloadavg(), versions=versions,
-        vllm=vllm_info or f"skipped: {why_not}", vllm_eager=args.vllm_eager,
-        workload=dict(batch1_prompt_len=len(b1[0][0]), batch1_tokens=b1[0][1],
-                      mixed_prompt_lens=[len(p) for p, _ in mixed], mixed_output_lens=[m for _, m in mixed],
-                      seed=args.seed, greedy=True, ignore_eos=True, prefix_caching=False),
-        repeats=args.repeats, results=rows, smoke=smoke,
-        goal="kvlab >= 1.0x vLLM CPU, float32 and bfloat16, batch 1 and 16 mixed; float32 greedy "
-             "outputs identical to the float32 reference")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out + ".json", "w") as f:
-        json.dump(record, f, indent=2, default=str)
-    loaded = max(load_at_start[0], record["load_average_end"][0]) > 1.5 * threads
-    with open(out + ".md", "w") as f:
-        f.write(f"# engine_cpu_vllm: kvlab.LLM vs vLLM's CPU backend\n\n`{record['command']}`, {record['date']}, "
-                f"{record['machine'].get('cpu', record['machine'])}, {threads} threads; versions {versions}; "
-                f"vLLM {'enforce_eager' if args.vllm_eager else 'default (torch.compile)'}.\n\n"
-                f"Load: `{uptime_start}` at start, `{record['uptime_end']}` at end. "
-                + ("**The machine was loaded (other jobs running): absolute numbers are low and noisy; "
-                   "read the ratios within this run.**" if loaded else "") +
-                f"\n\nMedian of {args.repeats} alternating rounds; tok/s = requested output tokens / wall "
-                "seconds of the generate call.\n\n"
-                "| dtype | workload | engine | tok/s (median) | x vLLM | greedy = fp32 reference | seconds per round |\n"
-                "|---|---|---|---|---|---|---|\n")
-        for r in sorted(rows, key=lambda r: (r["dtype"] != "float32", r["workload"], r["engine"])):
-            f.write(f"| {r['dtype']} | {r['workload']} | {r['engine']} | {r['median_tok_s']} | "
-                    f"{'' if r['vs_vllm'] is None else str(r['vs_vllm']) + 'x'} | "
-                    f"{r['same_as_fp32_reference']}/{r['num_requests']} | {r['seconds']} |\n")
     print(open(out + ".md").read())
     print(f"wrote {out}.json and .md")
 

@@ -18,18 +18,22 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--fast", action="store_true", help="kvlab's fast CPU path (LLM(cpu_fast_path=True))")
+    ap.add_argument("--fast", action="store_true", help="kvlab.model.fast.FastLlama, not the reference Llama")
     ap.add_argument("--rows", type=int, default=12)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from torch.profiler import ProfilerActivity, profile
+
     import kvlab
     from kvlab import SamplingParams
-    from torch.profiler import ProfilerActivity, profile
 
     dtype = getattr(torch, args.dtype)
     model, tok = kvlab.load_model(dtype=dtype)
-    llm = kvlab.LLM((model, tok), max_model_len=1024, enable_prefix_caching=False,
-                    **({"cpu_fast_path": True} if args.fast else {}))
+    if args.fast:
+        from kvlab.model.fast import FastLlama
+
+        model = FastLlama.from_llama(model)
+    llm = kvlab.LLM((model, tok), max_model_len=1024, enable_prefix_caching=False)
     ids = tok.encode("The history of computing is a story of layers. " * 40)
     print(f"load average {os.getloadavg()[0]:.2f}, {args.threads} threads, {args.dtype}, fast={args.fast}")
 

@@ -28,7 +28,7 @@ def _random_llama(tie: bool, seed: int = 0) -> Llama:
                       tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(seed)
     m = Llama(cfg).eval()
-    for name, p in m.named_parameters():
+    for p in m.parameters():
         torch.nn.init.normal_(p, std=0.3) if p.dim() > 1 else torch.nn.init.uniform_(p, 0.5, 1.5)
     return m.double()
 

@@ -12,7 +12,6 @@ from kvlab.model.fast import FastLlama, rms_norm, rope_
 from kvlab.model.layers import RMSNorm, apply_rope, rope_cos_sin
 from kvlab.model.llama import Llama
 
-
 # float64 weights, but both models take RMSNorm in float32 (as the reference does): float32 precision
 TOL = dict(rtol=1e-5, atol=1e-5)
 

@@ -84,7 +84,7 @@ class FastLlama(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_llama(cls, model) -> "FastLlama":
+    def from_llama(cls, model) -> FastLlama:
         """Pack a kvlab Llama's weights (same device and dtype); the embedding is shared."""
         cfg = model.config
         with torch.device("meta"):
