@@ -82,3 +82,31 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     p = (s - s.amax(-1, keepdim=True)).exp()
     p = p / p.sum(-1, keepdim=True)
     return torch.einsum("hqk,khd->qhd", p, vv).to(q.dtype)
+
+
+def replay_schedules(make_scheduler, prompt_lens, output_lens, num_blocks, block_size, max_num_seqs,
+                     max_num_batched_tokens, max_steps: int = 500):
+    """Drive a scheduler without a model: every scheduled sequence gets one token per step until it
+    has output_lens[i] tokens. `make_scheduler(block_manager, max_num_seqs, max_num_batched_tokens)`
+    builds it. Returns the steps as (scheduled request ids, preemptions so far, free blocks)."""
+    from kvlab.engine.block_manager import BlockManager
+    from kvlab.engine.sequence import Sequence
+
+    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
+    sched = make_scheduler(bm, max_num_seqs, max_num_batched_tokens)
+    seqs = [Sequence([1 + i % 7] * n, request_id=f"r{i}") for i, n in enumerate(prompt_lens)]
+    for s in seqs:
+        sched.add(s)
+    want = {s.seq_id: out for s, out in zip(seqs, output_lens)}
+    steps = []
+    while sched.has_unfinished() and len(steps) < max_steps:
+        batch = sched.schedule()
+        for s in batch:
+            s.num_computed_tokens = len(s)
+            s.num_scheduled_tokens = 0
+        for s in batch:
+            s.append_token(3)
+            if s.num_completion_tokens >= want[s.seq_id]:
+                sched.finish(s, "length")
+        steps.append(([s.request_id for s in batch], sched.num_preemptions, bm.num_free_blocks))
+    return steps

@@ -163,3 +163,182 @@ def split_packed(x: torch.Tensor, query_start_loc: torch.Tensor) -> list[torch.T
     """Rows of a packed tensor per sequence (a convenience for plugged functions)."""
     qsl = query_start_loc.tolist()
     return [x[qsl[s]:qsl[s + 1]] for s in range(len(qsl) - 1)]
+
+
+class StepScheduler:
+    """The engine's scheduler with its step decided by a student's `schedule_step`.
+
+    `schedule_step(running, waiting, block_manager, max_num_seqs, max_num_batched_tokens)
+    -> (decodes, prefills, preempted)` mirrors `kvlab.engine.scheduler.Scheduler.schedule` without
+    chunked prefill: it reorders nothing, calls the block manager (`can_append` / `may_append`,
+    `can_allocate` / `allocate`, `deallocate`) and moves sequences between `running` (a list,
+    oldest admission first) and `waiting` (a deque, head first) in place. This adapter keeps the
+    per-sequence counters the engine reads (what the kvlab scheduler sets itself).
+    """
+
+    def __new__(cls, block_manager, max_num_seqs, max_num_batched_tokens, schedule_step):
+        from kvlab.engine.scheduler import Scheduler
+
+        class _Plugged(Scheduler):
+            def schedule(self):
+                return _plugged_schedule(self, schedule_step)
+
+        return _Plugged(block_manager, max_num_seqs, max_num_batched_tokens)
+
+    @staticmethod
+    def like(llm, schedule_step):
+        s = llm.scheduler
+        return StepScheduler(s.block_manager, s.max_num_seqs, s.max_num_batched_tokens, schedule_step)
+
+
+def _plugged_schedule(self, schedule_step):
+    from kvlab.engine.sequence import SequenceStatus
+
+    before = {s.seq_id for s in self.running}
+    result = schedule_step(self.running, self.waiting, self.block_manager, self.max_num_seqs,
+                           self.max_num_batched_tokens)
+    if not isinstance(result, tuple) or len(result) != 3:
+        raise ValueError(f"schedule_step must return (decodes, prefills, preempted), got {result!r}")
+    decodes, prefills, preempted = (list(x) for x in result)
+    for seq in preempted:
+        seq.num_computed_tokens = seq.num_cached_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+    for seq in decodes:
+        if seq.seq_id not in before:
+            raise ValueError(f"sequence {seq.seq_id} was decoded but was not running")
+        seq.num_scheduled_tokens = 1
+    for seq in prefills:
+        seq.num_computed_tokens = seq.num_cached_tokens
+        seq.num_scheduled_tokens = len(seq) - seq.num_cached_tokens
+        seq.status = SequenceStatus.RUNNING
+        self.prefix_cache_queries += len(seq)
+        self.prefix_cache_hits += seq.num_cached_tokens
+    return decodes + prefills
+
+
+# ---- the prefix-cache seam -------------------------------------------------------------------
+class QueueAdapter:
+    """The block manager's free queue, backed by a student's LRU queue with `pop_head()`,
+    `push_tail(b)`, `push_head(b)`, `remove(b)`, `order()` and `len()`."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    def __iter__(self):
+        return iter(self.queue.order())
+
+    def __contains__(self, block_id) -> bool:
+        return block_id in self.queue.order()
+
+    def popleft(self) -> int:
+        return self.queue.pop_head()
+
+    def append(self, block_id: int) -> None:
+        self.queue.push_tail(block_id)
+
+    def appendleft(self, block_id: int) -> None:
+        self.queue.push_head(block_id)
+
+    def remove(self, block_id: int) -> None:
+        self.queue.remove(block_id)
+
+
+def plugged_block_manager(num_blocks: int, block_size: int, chain_hashes=None, cached_prefix=None,
+                          free_queue=None, on_discard=None):
+    """A prefix-caching `BlockManager` whose block names, prefix lookup and free queue are a
+    student's: `chain_hashes(token_ids, block_size, salt)` names the full blocks,
+    `cached_prefix(block_manager, seq) -> [Block]` finds a sequence's cached blocks (as
+    `BlockManager._cached_prefix`), `free_queue(block_ids)` builds the LRU queue. Any left None
+    stays the engine's."""
+    from kvlab.engine.block_manager import BlockManager
+    from kvlab.engine.prefix_hash import extra_keys_for
+
+    class PluggedBlockManager(BlockManager):
+        if chain_hashes is not None:
+            def _block_key(self, seq, i, parent_hash):
+                bs = self.block_size
+                tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+                h = chain_hashes(list(seq.token_ids[:(i + 1) * bs]), bs, seq.cache_salt)[i]
+                return h, tokens, extra_keys_for(seq.cache_salt) if i == 0 else ()
+
+        if cached_prefix is not None:
+            def _cached_prefix(self, seq):
+                if not self.enable_prefix_caching:
+                    return []
+                return list(cached_prefix(self, seq))
+
+    bm = PluggedBlockManager(num_blocks, block_size, enable_prefix_caching=True, on_discard=on_discard)
+    if free_queue is not None:
+        bm.free_queue = QueueAdapter(free_queue(range(num_blocks)))
+    return bm
+
+
+def install_prefix_cache(llm, chain_hashes=None, cached_prefix=None, free_queue=None) -> None:
+    """Give an idle `llm` (prefix caching on) a block manager built from a student's parts."""
+    old = llm.block_manager
+    if not old.enable_prefix_caching:
+        raise ValueError("install_prefix_cache needs LLM(enable_prefix_caching=True)")
+    install_block_manager(llm, plugged_block_manager(old.num_blocks, old.block_size, chain_hashes,
+                                                     cached_prefix, free_queue, old.on_discard))
+
+
+def cached_tokens_per_request(llm, prompts, max_tokens: int = 2) -> list[int]:
+    """Run prompts one after another (greedy); each request's prefix-cache hits in tokens. A prompt
+    is a token-id list or a (token ids, cache_salt) pair."""
+    from kvlab.engine.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    hits = []
+    for p in prompts:
+        ids, salt = p if isinstance(p, tuple) else (p, None)
+        llm.add_request(list(ids), params, cache_salt=salt)
+        outs = []
+        while llm.has_unfinished_requests():
+            outs += llm.step()
+        hits.append(outs[-1].num_cached_tokens)
+    return hits
+
+
+class PluggedInt8Cache(PagedKVCache):
+    """An int8 paged cache (codes int8 [NB, BS, Hkv, D] and float32 scales [NB, BS, Hkv] per layer,
+    for K and for V) whose per-layer work is a student's function:
+
+    `attend(q, k, v, k_codes, k_scales, v_codes, v_scales, slot_mapping, query_start_loc,
+    context_lens, block_tables, scale) -> out [N, Hq, D]` quantizes the new K/V into the pools and
+    returns attention over the dequantized context."""
+
+    def __init__(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype=torch.float32,
+                 device="cpu", attend=None):
+        super().__init__(1, 1, 1, 1, 1, dtype=dtype, device=device)     # the float pools are not used
+        if attend is None:
+            raise ValueError("PluggedInt8Cache needs attend=<function>")
+        self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.attend_fn = attend
+        codes = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k_codes = [torch.zeros(codes, dtype=torch.int8, device=self.device) for _ in range(num_layers)]
+        self.v_codes = [torch.zeros(codes, dtype=torch.int8, device=self.device) for _ in range(num_layers)]
+        self.k_scales = [torch.ones(codes[:3], device=self.device) for _ in range(num_layers)]
+        self.v_scales = [torch.ones(codes[:3], device=self.device) for _ in range(num_layers)]
+        self.k_cache = self.v_cache = None
+
+    @classmethod
+    def like(cls, cache, attend):
+        return cls(cache.num_layers, cache.num_blocks, cache.block_size, cache.num_kv_heads,
+                   cache.head_dim, dtype=cache.dtype, device=cache.device, attend=attend)
+
+    def attend(self, layer, q, k, v):
+        m = step_metadata(self, q)
+        out = self.attend_fn(q[0], k[0], v[0], self.k_codes[layer], self.k_scales[layer],
+                             self.v_codes[layer], self.v_scales[layer], m.slot_mapping,
+                             m.query_start_loc, m.context_lens, m.block_tables, self.scale)
+        if out is None or tuple(out.shape) != tuple(q[0].shape):
+            raise ValueError(f"the plugged attend returned {None if out is None else tuple(out.shape)}, "
+                             f"expected {tuple(q[0].shape)}")
+        return out.to(q.dtype).unsqueeze(0)
