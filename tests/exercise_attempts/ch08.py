@@ -149,7 +149,8 @@ def cached_prefix(block_manager, seq):
         "wrong": [
             _lookup(check="False"),                     # trusts the digest alone
             _lookup(count="len(seq) // bs"),            # may leave no token to compute
-            _lookup(miss="continue"),                   # skips a miss instead of ending the run
+            _lookup(check="(b.token_ids, b.extra_keys) != (tuple(seq.token_ids[i * bs:(i + 1) * bs]), extra)"),
+                                                        # the parent not verified (a stale child hits)
         ],
     },
 }
