@@ -342,3 +342,88 @@ class PluggedInt8Cache(PagedKVCache):
             raise ValueError(f"the plugged attend returned {None if out is None else tuple(out.shape)}, "
                              f"expected {tuple(q[0].shape)}")
         return out.to(q.dtype).unsqueeze(0)
+
+
+# ---- the engine step ---------------------------------------------------------------------------
+def to_metadata(prepared: dict, device="cpu"):
+    """A student's `prepare_step` result (plain lists) -> (input_ids [1, N], positions [1, N],
+    AttentionMetadata, logit_indices [S]) as `ModelRunner.prepare` returns them."""
+    from kvlab.cache.paged import AttentionMetadata
+
+    keys = ("input_ids", "positions", "slot_mapping", "query_start_loc", "context_lens", "block_tables",
+            "logit_indices")
+    if not isinstance(prepared, dict) or set(prepared) != set(keys):
+        raise ValueError(f"prepare_step must return a dict with the keys {keys}")
+    t = {k: torch.as_tensor(prepared[k], device=device) for k in keys}
+    qsl = t["query_start_loc"].to(torch.int32)
+    meta = AttentionMetadata(slot_mapping=t["slot_mapping"].long(), query_start_loc=qsl,
+                             context_lens=t["context_lens"].to(torch.int32),
+                             block_tables=t["block_tables"].to(torch.int32).reshape(len(qsl) - 1, -1),
+                             is_decode=int(qsl[-1]) == len(qsl) - 1)
+    return (t["input_ids"].long().view(1, -1), t["positions"].long().view(1, -1), meta,
+            t["logit_indices"].long())
+
+
+class EngineParts:
+    """What one engine step needs from an `LLM`, for a student's `engine_step(parts)`:
+
+    - `parts.scheduler.schedule()` -> the step's sequences (`seq.num_computed_tokens`,
+      `seq.num_scheduled_tokens`: the tokens this step computes);
+    - `parts.block_size`;
+    - `parts.forward(prepared)` runs the model over the paged cache on a `prepare_step` result and
+      returns the logits of its `logit_indices` rows, [S, vocab];
+    - `parts.sample(logits, seqs)` -> one token id per row (each sequence's SamplingParams);
+    - `parts.stop_reason(seq)` -> "stop", "length" or None, after a token was appended;
+    - `parts.finish(seq, reason)` frees the sequence's blocks and records it as finished.
+    """
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.scheduler = llm.scheduler
+        self.block_size = llm.block_size
+
+    def forward(self, prepared):
+        llm = self.llm
+        ids, pos, meta, logit_indices = to_metadata(prepared, llm.model.device)
+        llm.cache.set_metadata(meta)
+        try:
+            with torch.inference_mode():
+                return llm.model(ids, positions=pos, cache=llm.cache, logit_indices=logit_indices)
+        finally:
+            llm.cache.metadata = None
+
+    def sample(self, logits, seqs):
+        from kvlab.engine.sampling import sample
+
+        return sample(logits, [s.sampling_params for s in seqs],
+                      [self.llm._generators.get(s.seq_id) for s in seqs])
+
+    def stop_reason(self, seq):
+        return self.llm._stop_reason(seq)
+
+    def finish(self, seq, reason):
+        import time
+
+        now = time.perf_counter()
+        if seq.first_token_time is None and seq.num_completion_tokens:
+            seq.first_token_time = now
+        seq.finish_time = now
+        self.llm._finish(seq, reason)
+
+
+def install_step(llm, engine_step) -> None:
+    """Make `llm.generate` / `llm.step` run `engine_step(parts) -> [(seq, token), ...]` each step."""
+    import time
+
+    parts = EngineParts(llm)
+
+    def _step():
+        out = list(engine_step(parts))
+        now = time.perf_counter()
+        for seq, _ in out:
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+        llm.metrics.generation_tokens += len(out)
+        return out
+
+    llm._step = _step
