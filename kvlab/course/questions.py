@@ -1,10 +1,11 @@
 """A chapter's graded questions, read from its master (otter format) or found in a submission.
 
 `chapter_spec(master)` is what the fresh-interpreter grader (`kvlab.course.sandbox`) needs and
-nothing of the notebook's narrative: per question its points, difficulty (1-3), estimated study
+little of the notebook's narrative: per question its points, difficulty (1-3), estimated study
 minutes, forbidden targets, the names its solution defines, the master's solution cell, and its
-public and hidden test cells; plus the chapter's `imports` (the import statements of the master's
-code cells outside the questions), which every test cell starts from.
+public and hidden test cells; plus the chapter's `imports`, its prelude: the import statements and
+the function/class definitions (only those) of the master's code cells outside the questions,
+which every answer and every test cell starts from. Tests may use nothing else of the notebook.
 
 The BEGIN QUESTION yaml of a master carries the grading metadata (otter ignores unknown keys):
 
@@ -78,16 +79,25 @@ def import_lines(src: str) -> list[str]:
     return out
 
 
-def _strip_solution(src: str) -> str:
-    """The master's solution cell as the grader runs it (otter's markers are plain comments)."""
-    return src
+def definition_sources(src: str) -> list[str]:
+    """The top-level function and class definitions of a (narrative) cell, as source."""
+    try:
+        tree = ast.parse(src)
+    except SyntaxError:
+        return []
+    lines = src.splitlines()
+    return ["\n".join(lines[min([n.lineno] + [d.lineno for d in n.decorator_list]) - 1:n.end_lineno])
+            for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
 
 
 def parse_master(master) -> tuple[list[Question], list[str]]:
-    """(questions, imports) of a master notebook (path or nbformat notebook)."""
+    """(questions, prelude) of a master notebook (path or nbformat notebook). The prelude is the
+    import statements and then the function and class definitions of the master's code cells
+    outside the questions (no other statement): the names every answer and test may use."""
     nb = nbformat.read(master, as_version=4) if isinstance(master, (str, Path)) else master
     questions: list[Question] = []
     imports: list[str] = []
+    helpers: list[str] = []
     q: Question | None = None
     region = None  # None | "solution" | "tests"
     for cell in nb.cells:
@@ -113,6 +123,7 @@ def parse_master(master) -> tuple[list[Question], list[str]]:
         if q is None:
             if "parameters" not in cell.metadata.get("tags", []):
                 imports += [s for s in import_lines(cell.source) if s not in imports]
+                helpers += definition_sources(cell.source)
         elif region == "solution":
             q.solution += ("\n\n" if q.solution else "") + cell.source
             q.names += defined_names(cell.source)
@@ -121,7 +132,7 @@ def parse_master(master) -> tuple[list[Question], list[str]]:
                 q.hidden.append(cell.source)
             else:
                 q.public.append(cell.source)
-    return questions, imports
+    return questions, imports + helpers
 
 
 def chapter_spec(master) -> dict:
