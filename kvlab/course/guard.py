@@ -50,6 +50,8 @@ FAMILIES: dict[str, set[str]] = {
     "softmax": {"softmax", "_softmax", "log_softmax", "_log_softmax", "special_softmax",
                 "special_log_softmax", "softmin", "_safe_softmax", "_masked_softmax", "logsumexp",
                 "special_logsumexp"},
+    "cat": {"cat", "_cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack",
+            "column_stack", "row_stack"},
     "scaled_dot_product_attention": {"scaled_dot_product_attention", "multi_head_attention_forward",
                                      "_native_multi_head_attention", "_fused_sdp_choice"},
 }
@@ -110,6 +112,9 @@ def _codes_of(obj, seen: set) -> set:
         return set().union(*(_codes_of(f, seen) for f in (obj.fget, obj.fset, obj.fdel) if f))
     if isinstance(obj, types.MethodType):
         obj = obj.__func__
+    inner = getattr(obj, "_implementation", None)  # numpy's array-function dispatchers
+    if not isinstance(obj, (types.FunctionType, type)) and isinstance(inner, types.FunctionType):
+        obj = inner
     if isinstance(obj, types.FunctionType):
         return {obj.__code__}
     if isinstance(obj, type):

@@ -16,8 +16,9 @@ in this process, with:
 
 A question scores its points only if every one of its tests passes (all or nothing): a public test
 alone is no evidence. Run as `python -m kvlab.course.sandbox JOB.json RESULT.json`, where the job
-is `{"spec": chapter_spec, "variants": [{question: answer source}], "timeout": seconds}`; the
-result holds one `{question: {score, possible, messages}}` per variant.
+is `{"spec": chapter_spec, "variants": [{question: answer source}], "timeout": seconds}` (a
+variant may also be `{"sources": {...}, "only": [question]}`: only those questions' tests run);
+the result holds one `{question: {score, possible, messages}}` per variant.
 """
 from __future__ import annotations
 
@@ -255,13 +256,25 @@ def _first_line(e: BaseException, sources: dict[str, str] | None = None) -> str:
     return f"{type(e).__name__}: {str(e)[:300]}"
 
 
-def run_variant(spec: dict, sources: dict[str, str], timeout: float = 120) -> dict:
-    """Grade one set of answers ({question: answer cell}) against `spec` in this process."""
+def _run_prelude(prelude, namespace) -> None:
+    for code in prelude:
+        try:
+            exec(code, namespace)
+        except Exception:  # noqa: BLE001 - a helper whose defaults need the notebook's parameters
+            pass
+
+
+def run_variant(spec: dict, sources: dict[str, str], timeout: float = 120,
+                only: list[str] | None = None) -> dict:
+    """Grade one set of answers ({question: answer cell}) against `spec` in this process.
+    `only`: run the tests of these questions alone (every answer is still defined)."""
     from kvlab.course.guard import forbid
 
-    prelude = "\n".join(spec.get("imports", []))
+    # the chapter's imports and helpers, as in the notebook; compiled once, so that a helper in the
+    # answers' namespace and in the tests' shares its code object (a forbid target by bare name)
+    prelude = [compile(src, "<prelude>", "exec") for src in spec.get("imports", [])]
     ns = {"__name__": "submission", "__builtins__": _safe_builtins()}
-    exec(compile(prelude, "<prelude>", "exec"), ns)  # the chapter's imports, as in the notebook
+    _run_prelude(prelude, ns)
     results, setup = {}, {}
     for q in spec["questions"]:  # definitions first, in notebook order (later answers may use earlier ones)
         src = sources.get(q["name"], "")
@@ -277,6 +290,8 @@ def run_variant(spec: dict, sources: dict[str, str], timeout: float = 120) -> di
     old = signal.signal(signal.SIGALRM, _on_alarm)
     try:
         for q in spec["questions"]:
+            if only is not None and q["name"] not in only:
+                continue
             name, possible = q["name"], float(q["points"])
             messages = [setup[name]] if setup[name] else []
             snap = _snapshot(_watched_modules())
@@ -286,14 +301,15 @@ def run_variant(spec: dict, sources: dict[str, str], timeout: float = 120) -> di
                     messages.append(f"the answer does not define {', '.join(missing)}")
             if not messages:
                 env = {"__name__": "tests"}
-                exec(compile(prelude, "<test-prelude>", "exec"), env)
+                _run_prelude(prelude, env)
                 env.update({n: ns[n] for n in q["names"]})
                 for i, test in enumerate(q["public"] + q["hidden"]):
                     kind = "public" if i < len(q["public"]) else "hidden"
                     signal.setitimer(signal.ITIMER_REAL, timeout)
                     fname = f"<test:{name}:{kind}{i}>"
                     try:
-                        with forbid(*q.get("forbid", []), within=SUBMISSION,
+                        targets = [env[t] if t in env and "." not in t else t for t in q.get("forbid", [])]
+                        with forbid(*targets, within=SUBMISSION,
                                     reason="write this part yourself"):
                             exec(compile(test, fname, "exec"), env)
                     except _Timeout:
@@ -317,7 +333,10 @@ def run_variant(spec: dict, sources: dict[str, str], timeout: float = 120) -> di
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     job = json.loads(Path(argv[0]).read_text())
-    out = [run_variant(job["spec"], v, job.get("timeout", 120)) for v in job["variants"]]
+    out = []
+    for v in job["variants"]:  # {question: source}, or {"sources": {...}, "only": [question, ...]}
+        sources, only = (v["sources"], v["only"]) if "only" in v and "sources" in v else (v, None)
+        out.append(run_variant(job["spec"], sources, job.get("timeout", 120), only))
     Path(argv[1]).write_text(json.dumps(out, indent=1))
     return 0
 
