@@ -75,7 +75,7 @@ def graded(request):
     for q, kinds in attempts.items():
         for kind in ("shortcuts", "wrong"):
             for i, src in enumerate(kinds.get(kind, [])):
-                variants.append(dict(master, **{q: src}))
+                variants.append({"sources": dict(master, **{q: src}), "only": [q]})
                 labels.append(f"{q}/{kind}[{i}]")
     results, status = run_sandbox(spec, variants, timeout=1200, test_timeout=120)
     assert results is not None, f"{chapter}: {status}"
