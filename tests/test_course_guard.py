@@ -180,3 +180,10 @@ def test_within_counts_only_calls_made_from_the_code_under_test():
     with pytest.raises(ForbiddenCall, match="torch.softmax"):
         with forbid("torch.softmax", within="<submission"):
             ns["student"](x)
+
+
+def test_python_level_torch_methods_are_caught_by_code_object():
+    lin = torch.nn.Linear(2, 2)
+    with pytest.raises(ForbiddenCall, match="parameters"):
+        with forbid("torch.nn.Module.parameters"):
+            sum(p.numel() for p in lin.parameters())

@@ -135,6 +135,9 @@ def _target(t) -> _Target:
         name = _torch_name(obj)
         tg.torch_names = {name, "_" + name, "special_" + name} | FAMILIES.get(name, set())
         tg.torch_prefixes = FAMILY_PREFIXES.get(name, ())
+        # a Python-level torch function or method (nn.Module.parameters) never reaches the
+        # TorchFunctionMode: match its code object too
+        tg.codes = _codes_of(obj, set()) if isinstance(obj, (types.FunctionType, types.MethodType)) else set()
         return tg
     if isinstance(obj, types.ModuleType):
         tg.modules.add(obj.__name__)
