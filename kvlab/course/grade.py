@@ -224,8 +224,48 @@ def write_gradebook(grades: list[Grade], out_dir: Path) -> Path:
     return path
 
 
+def gradescope(submission_dir: str, results: str, spec: str, timeout: float = 1800) -> int:
+    """Gradescope's `run_autograder` entry: grade the one notebook in `submission_dir` against
+    `spec` (grading.json) and write Gradescope's results.json (one test per question)."""
+    import nbformat
+
+    nbs = sorted(Path(submission_dir).glob("*.ipynb"))
+    tests, score = [], 0.0
+    spec_d = load_spec(Path(spec))
+    possible = questions_of(spec_d)
+    if not nbs:
+        output = "no .ipynb file in the submission"
+        tests = [{"name": q, "score": 0, "max_score": p, "output": output} for q, p in possible.items()]
+    else:
+        try:
+            nbformat.read(nbs[0], as_version=4)
+            g = grade_one(nbs[0], spec_d, Path(nbs[0]).stem, timeout)
+        except Exception as e:  # noqa: BLE001 - an unreadable notebook scores 0
+            g = Grade(student=nbs[0].stem, possible=possible, scores={q: 0.0 for q in possible},
+                      status=f"not a notebook: {type(e).__name__}")
+        msgs: dict[str, list[str]] = {}
+        current = None
+        for line in g.report.split("\n"):
+            if line and not line.startswith(" ") and ":" in line:
+                current = line.split(":")[0]
+                msgs[current] = []
+            elif line.startswith("    ") and current:
+                msgs[current].append(line.strip())
+        for q, p in possible.items():
+            ok = g.scores.get(q, 0.0) >= p
+            why = "\n".join(msgs.get(q, [])) or (g.status if g.status != "ok" else "")
+            tests.append({"name": q, "score": g.scores.get(q, 0.0), "max_score": p,
+                          "output": "passed" if ok else why[:2000]})
+        score = g.total
+    Path(results).parent.mkdir(parents=True, exist_ok=True)
+    Path(results).write_text(json.dumps({"score": score, "tests": tests}, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--gradescope"]:
+        return gradescope(*argv[1:4])
     ap = argparse.ArgumentParser(description="Grade a folder of submitted notebooks locally.")
     ap.add_argument("submissions", type=Path, help="a folder of .ipynb files")
     ap.add_argument("--out", type=Path, default=BUILD / "grades")
