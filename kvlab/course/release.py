@@ -87,7 +87,8 @@ def _secret_lines(masters: Path) -> tuple[set[str], set[str]]:
         for cell in nb.cells:
             src = cell.source.strip()
             if cell.cell_type == "raw":
-                in_sol_cells = src.startswith("# BEGIN SOLUTION") or (in_sol_cells and not src.startswith("# END SOLUTION"))
+                in_sol_cells = src.startswith("# BEGIN SOLUTION") or (
+                    in_sol_cells and not src.startswith("# END SOLUTION"))
                 in_tests = src.startswith("# BEGIN TESTS") or (in_tests and not src.startswith("# END TESTS"))
                 continue
             if cell.cell_type != "code":

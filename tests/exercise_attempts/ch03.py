@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (answer cells kept verbatim as data)
 """Chapter 03 attempts: each src replaces the whole answer cell (see tests/test_exercise_attempts.py)."""
 
 _PREALLOC_HEAD = """class PreallocKVCache:
