@@ -11,7 +11,6 @@ from _engine_helpers import random_prompts as _prompts
 
 from kvlab import LLM, SamplingParams
 from kvlab.cache.paged import AttentionMetadata
-from kvlab.engine.prefix_hash import ROOT
 from kvlab.quant import fp8
 from kvlab.quant.paged import QuantizedPagedKVCache
 from kvlab.quant.sim import FakeQuantKVCache
@@ -98,7 +97,7 @@ def test_engine_rows_follow_blocks_and_nothing_leaks(tiny_model, fmt):
                 assert sinks.rows_in_use == 0
             else:
                 assert 0 < sinks.rows_in_use <= len(prompts)   # at most one cached first block each
-                firsts = [b.block_id for b in bm.blocks if b.block_hash is not None and b.parent == ROOT]
+                firsts = [b.block_id for b in bm.blocks if b.block_hash is not None and b.parent is None]
                 assert firsts and all(int(sinks.res_slot[b]) >= 0 for b in firsts)
                 assert llm.reset_prefix_cache() and sinks.rows_in_use == 0
             if fmt in ("int4", "int2"):

@@ -192,6 +192,7 @@ class StepScheduler:
 
 
 def _plugged_schedule(self, schedule_step):
+    from kvlab.engine.scheduler import Schedule, ScheduledChunk
     from kvlab.engine.sequence import SequenceStatus
 
     before = {s.seq_id for s in self.running}
@@ -205,17 +206,17 @@ def _plugged_schedule(self, schedule_step):
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
+    items = []
     for seq in decodes:
         if seq.seq_id not in before:
             raise ValueError(f"sequence {seq.seq_id} was decoded but was not running")
-        seq.num_scheduled_tokens = 1
+        items.append(ScheduledChunk(seq, len(seq) - 1, 1))
     for seq in prefills:
-        seq.num_computed_tokens = seq.num_cached_tokens
-        seq.num_scheduled_tokens = len(seq) - seq.num_cached_tokens
         seq.status = SequenceStatus.RUNNING
-        self.prefix_cache_queries += len(seq)
-        self.prefix_cache_hits += seq.num_cached_tokens
-    return decodes + prefills
+        items.append(ScheduledChunk(seq, seq.num_cached_tokens, len(seq) - seq.num_cached_tokens))
+    for item in items:                 # planning a step advances it (kvlab.engine.scheduler)
+        item.seq.num_computed_tokens = item.end
+    return Schedule(items, self.block_manager.take_events(), len(preempted))
 
 
 # ---- the prefix-cache seam -------------------------------------------------------------------
@@ -249,7 +250,7 @@ class QueueAdapter:
 
 
 def plugged_block_manager(num_blocks: int, block_size: int, chain_hashes=None, cached_prefix=None,
-                          free_queue=None, on_discard=None):
+                          free_queue=None):
     """A prefix-caching `BlockManager` whose block names, prefix lookup and free queue are a
     student's: `chain_hashes(token_ids, block_size, salt)` names the full blocks,
     `cached_prefix(block_manager, seq) -> [Block]` finds a sequence's cached blocks (as
@@ -272,7 +273,7 @@ def plugged_block_manager(num_blocks: int, block_size: int, chain_hashes=None, c
                     return []
                 return list(cached_prefix(self, seq))
 
-    bm = PluggedBlockManager(num_blocks, block_size, enable_prefix_caching=True, on_discard=on_discard)
+    bm = PluggedBlockManager(num_blocks, block_size, enable_prefix_caching=True)
     if free_queue is not None:
         bm.free_queue = QueueAdapter(free_queue(range(num_blocks)))
     return bm
@@ -284,7 +285,7 @@ def install_prefix_cache(llm, chain_hashes=None, cached_prefix=None, free_queue=
     if not old.enable_prefix_caching:
         raise ValueError("install_prefix_cache needs LLM(enable_prefix_caching=True)")
     install_block_manager(llm, plugged_block_manager(old.num_blocks, old.block_size, chain_hashes,
-                                                     cached_prefix, free_queue, old.on_discard))
+                                                     cached_prefix, free_queue))
 
 
 def cached_tokens_per_request(llm, prompts, max_tokens: int = 2) -> list[int]:
@@ -367,8 +368,8 @@ def to_metadata(prepared: dict, device="cpu"):
 class EngineParts:
     """What one engine step needs from an `LLM`, for a student's `engine_step(parts)`:
 
-    - `parts.scheduler.schedule()` -> the step's sequences (`seq.num_computed_tokens`,
-      `seq.num_scheduled_tokens`: the tokens this step computes);
+    - `parts.scheduler.schedule()` -> the step's sequences (`seq.num_computed_tokens` where the
+      step starts, `seq.num_scheduled_tokens`: the tokens this step computes);
     - `parts.block_size`;
     - `parts.forward(prepared)` runs the model over the paged cache on a `prepare_step` result and
       returns the logits of its `logit_indices` rows, [S, vocab];
@@ -379,27 +380,27 @@ class EngineParts:
 
     def __init__(self, llm):
         self.llm = llm
-        self.scheduler = llm.scheduler
+        self.scheduler = _SeqListScheduler(llm.scheduler)
         self.block_size = llm.block_size
 
     def forward(self, prepared):
         llm = self.llm
         ids, pos, meta, logit_indices = to_metadata(prepared, llm.model.device)
-        llm.cache.set_metadata(meta)
+        llm.cache.begin_step(meta, self.scheduler.take_freed())
         try:
             with torch.inference_mode():
                 return llm.model(ids, positions=pos, cache=llm.cache, logit_indices=logit_indices)
         finally:
-            llm.cache.metadata = None
+            llm.cache.end_step()
 
     def sample(self, logits, seqs):
         from kvlab.engine.sampling import sample
 
         return sample(logits, [s.sampling_params for s in seqs],
-                      [self.llm._generators.get(s.seq_id) for s in seqs])
+                      [self.llm.engine._generators.get(s.seq_id) for s in seqs])
 
     def stop_reason(self, seq):
-        return self.llm._stop_reason(seq)
+        return self.llm.engine._stop_reason(seq)
 
     def finish(self, seq, reason):
         import time
@@ -407,13 +408,38 @@ class EngineParts:
         now = time.perf_counter()
         if seq.first_token_time is None and seq.num_completion_tokens:
             seq.first_token_time = now
-        seq.finish_time = now
-        self.llm._finish(seq, reason)
+        self.llm.engine._finish(seq, reason, now)
+
+
+class _SeqListScheduler:
+    """The engine's scheduler as chapter 11's exercise sees it: `schedule()` returns the step's
+    sequences, each with `num_scheduled_tokens` (the tokens this step computes) and
+    `num_computed_tokens` where the step starts; the student's step advances them."""
+
+    def __init__(self, scheduler):
+        self._scheduler, self._freed = scheduler, []
+
+    def __getattr__(self, name):
+        return getattr(self._scheduler, name)
+
+    def schedule(self):
+        schedule = self._scheduler.schedule()
+        self._freed += schedule.freed_blocks
+        for item in schedule.items:
+            item.seq.num_computed_tokens = item.start
+            item.seq.num_scheduled_tokens = item.num_tokens
+        return schedule.seqs
+
+    def take_freed(self):
+        freed, self._freed = self._freed, []
+        return freed
 
 
 def install_step(llm, engine_step) -> None:
     """Make `llm.generate` / `llm.step` run `engine_step(parts) -> [(seq, token), ...]` each step."""
     import time
+
+    from kvlab.engine.core import StepOutput
 
     parts = EngineParts(llm)
 
@@ -424,6 +450,7 @@ def install_step(llm, engine_step) -> None:
             if seq.first_token_time is None:
                 seq.first_token_time = now
         llm.metrics.generation_tokens += len(out)
-        return out
+        llm.runner.release(parts.scheduler.take_freed() + llm.scheduler.take_events())
+        return [StepOutput(seq, [tok]) for seq, tok in out]
 
-    llm._step = _step
+    llm.engine.step = _step

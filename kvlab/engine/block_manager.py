@@ -24,8 +24,9 @@ start with the same tokens share the blocks of that prefix:
 - a hit is *confirmed* against what the block stores: its token ids, its extra keys, and the
   hash of the block it was computed on top of (which, chained, names the whole prefix). A hash
   collision therefore shows up as a miss; it can never hand back another prompt's keys and values.
-  A child names its parent by hash, not by block id: when a de-duplicated parent is evicted and
-  the same prefix is computed again into another block, the child is found under it again;
+  A hit checks its parent by hash (`parent_hash`), not by block id (`parent`, kept for the
+  chapters): when a de-duplicated parent is evicted and the same prefix is computed again into
+  another block, the child is found under it again;
 - when a block's count drops to zero it keeps its contents and its hash and joins the *tail* of
   the free queue (a sequence's blocks in reverse order, so its last block is reused first). New
   blocks come from the *head*, and taking a cached block from there evicts its hash: the free
@@ -60,7 +61,8 @@ class Block:
     generation: int = 0
     block_hash: bytes | None = None      # set while registered in the prefix cache
     token_ids: tuple = ()                # the tokens whose K/V it holds (when registered)
-    parent: bytes | None = None          # hash of the block before it (ROOT for a first block)
+    parent: tuple | None = None          # ref (block_id, generation) of the block before it
+    parent_hash: bytes | None = None     # hash of the block before it (ROOT for a first block)
     extra_keys: tuple = ()               # cache_salt, for a sequence's first block
 
     @property
@@ -133,7 +135,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue = FreeBlockQueue(range(num_blocks))
         self.cached: dict[bytes, int] = {}                    # block hash -> block id
-        self._chains: dict[int, list[bytes]] = {}            # seq_id -> hash of each hashed block
+        self._chains: dict[int, list[tuple]] = {}  # seq_id -> (hash, canonical ref) per hashed block
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
         self.num_evicted_blocks = 0                           # cached blocks reused for new contents
@@ -191,29 +193,37 @@ class BlockManager:
             if block_id is None:
                 break
             b = self.blocks[block_id]
-            if (b.token_ids, b.extra_keys, b.parent) != (tokens, extra, parent_hash):
+            if (b.token_ids, b.extra_keys, b.parent_hash) != (tokens, extra, parent_hash):
                 break                                  # a hash collision: a miss
             hits.append(b)
             parent_hash = h
         return hits
 
-    def _register(self, block: Block, h: bytes, tokens: tuple, parent_hash: bytes, extra) -> None:
-        """Enter a freshly computed full block into the cache. If the same content is already
-        cached under h (this sequence computed a copy), the cached copy stays the canonical one;
-        a different content under h (a collision) leaves this block uncached."""
-        if h not in self.cached and block.block_hash is None:
+    def _register(self, block: Block, h: bytes, tokens: tuple, parent: tuple, extra) -> tuple:
+        """Enter a freshly computed full block into the cache; return the ref its child records as
+        parent. If the same content is already cached under h (this sequence computed a copy),
+        the cached copy stays the canonical one and children hang under it; a different content
+        under h (a collision) leaves this block uncached."""
+        other_id = self.cached.get(h)
+        if other_id is None:
             block.block_hash, block.token_ids = h, tokens
-            block.parent, block.extra_keys = parent_hash, extra
+            block.parent, block.extra_keys = parent[1], extra
+            block.parent_hash = parent[0]
             self.cached[h] = block.block_id
+            return block.ref
+        other = self.blocks[other_id]
+        if (other.token_ids, other.extra_keys, other.parent_hash) == (tokens, extra, parent[0]):
+            return other.ref
+        return block.ref
 
     def _register_full_blocks(self, seq, num_computed: int) -> None:
         """Hash every block of seq whose tokens are all computed and that has no hash yet."""
         chain = self._chains.setdefault(seq.seq_id, [])
         while len(chain) < min(num_computed // self.block_size, len(seq.block_table)):
             i = len(chain)
-            h, tokens, extra = self._block_key(seq, i, chain[-1] if chain else ROOT)
-            self._register(self.blocks[seq.block_table[i]], h, tokens, chain[-1] if chain else ROOT, extra)
-            chain.append(h)
+            parent = chain[-1] if chain else (ROOT, None)
+            h, tokens, extra = self._block_key(seq, i, parent[0])
+            chain.append((h, self._register(self.blocks[seq.block_table[i]], h, tokens, parent, extra)))
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block. Only while no sequence holds blocks; returns success."""
@@ -232,7 +242,7 @@ class BlockManager:
         del self.cached[b.block_hash]
         self._free_first.pop(b.block_id, None)
         self.num_evicted_blocks += 1
-        b.block_hash, b.token_ids, b.parent, b.extra_keys = None, (), None, ()
+        b.block_hash, b.token_ids, b.parent, b.extra_keys, b.parent_hash = None, (), None, (), None
         self._events.append(b.block_id)
 
     def take_events(self) -> list[int]:
@@ -264,7 +274,7 @@ class BlockManager:
         if b.ref_count == 0:
             if b.block_hash is not None:
                 self.free_queue.append(block_id)       # keep the contents, evict it last
-                if b.parent == ROOT and self.max_cached_first_blocks is not None:
+                if b.parent_hash == ROOT and self.max_cached_first_blocks is not None:
                     self._free_first[block_id] = None
                     if len(self._free_first) > self.max_cached_first_blocks:
                         oldest = self.blocks[next(iter(self._free_first))]
@@ -309,7 +319,7 @@ class BlockManager:
         if self.enable_prefix_caching:
             chain = self._chains[seq.seq_id] = []
             for b in hits:
-                chain.append(b.block_hash)
+                chain.append((b.block_hash, b.ref))
             self._register_full_blocks(seq, num_computed)
 
     def register_computed(self, seq, num_computed: int) -> None:
@@ -322,7 +332,7 @@ class BlockManager:
         chain = self._chains.get(seq.seq_id, [])
         keep = num_computed // self.block_size
         while len(chain) > keep:
-            h = chain.pop()
+            h, _ = chain.pop()
             b = self.blocks[seq.block_table[len(chain)]]
             if self.cached.get(h) == b.block_id:
                 self._evict(b)

@@ -177,10 +177,20 @@ class LLM:
     def scheduler(self) -> Scheduler:
         return self.engine.scheduler
 
+    @scheduler.setter
+    def scheduler(self, value) -> None:
+        """Swap the scheduler of an idle engine (kvlab.course.plugins installs a student's)."""
+        self.engine.scheduler = value
+
     @property
     def block_manager(self):
         """The scheduler's block allocator (it is its only owner)."""
         return self.engine.scheduler.block_manager
+
+    @block_manager.setter
+    def block_manager(self, value) -> None:
+        """Give the scheduler another block allocator (an idle engine only; it stays the one owner)."""
+        self.engine.scheduler.block_manager = value
 
     @property
     def runner(self) -> ModelRunner:

@@ -111,6 +111,10 @@ class Schedule:
     def __len__(self) -> int:
         return len(self.items)
 
+    def __iter__(self):
+        """The step's sequences, in order (as `seqs`)."""
+        return iter(self.seqs)
+
 
 class Scheduler:
     """Scheduler(block_manager, max_num_seqs, max_num_batched_tokens, scheduling_policy=None,
