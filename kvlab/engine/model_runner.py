@@ -25,13 +25,15 @@ from kvlab.cache.paged import AttentionMetadata
 
 def _spans(items) -> list[tuple]:
     """(sequence, start, end) of each scheduled item; a bare Sequence (the chapters' use) means
-    all its tokens from `num_computed_tokens` on."""
+    its tokens from `num_computed_tokens` on: `num_scheduled_tokens` of them if it carries that
+    (chapter 11's exercise, through kvlab.course.plugins), else all the rest."""
     out = []
     for it in items:
         if hasattr(it, "seq"):
             out.append((it.seq, it.start, it.end))
         else:
-            out.append((it, it.num_computed_tokens, len(it)))
+            start, n = it.num_computed_tokens, getattr(it, "num_scheduled_tokens", 0)
+            out.append((it, start, start + n if n else len(it)))
     return out
 
 
