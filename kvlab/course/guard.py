@@ -174,7 +174,7 @@ _TAMPER_IDS = {id(f) for f in _TAMPER if f is not None}
 
 
 class _FunctionMode(TorchFunctionMode):
-    def __init__(self, guard: "_Guard"):
+    def __init__(self, guard: _Guard):
         super().__init__()
         self.guard = guard
 
@@ -185,7 +185,7 @@ class _FunctionMode(TorchFunctionMode):
 
 
 class _DispatchMode(TorchDispatchMode):
-    def __init__(self, guard: "_Guard"):
+    def __init__(self, guard: _Guard):
         super().__init__()
         self.guard = guard
 

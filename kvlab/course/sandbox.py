@@ -21,8 +21,8 @@ variant may also be `{"sources": {...}, "only": [question]}`: only those questio
 the result holds one `{question: {score, possible, messages}}` per variant.
 """
 from __future__ import annotations
-
 import __future__
+
 import ast
 import builtins
 import json
