@@ -78,7 +78,7 @@ def graded(path: Path):
             for i, src in enumerate(kinds.get(kind, [])):
                 variants.append({"sources": dict(master, **{q: src}), "only": [q]})
                 labels.append(f"{q}/{kind}[{i}]")
-    results, status = run_sandbox(spec, variants, timeout=1200, test_timeout=120)
+    results, status = run_sandbox(spec, variants, timeout=1800, test_timeout=300)
     assert results is not None, f"{chapter}: {status}"
     return chapter, spec, attempts, dict(zip(labels, results))
 

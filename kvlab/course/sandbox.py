@@ -264,7 +264,7 @@ def _run_prelude(prelude, namespace) -> None:
             pass
 
 
-def run_variant(spec: dict, sources: dict[str, str], timeout: float = 120,
+def run_variant(spec: dict, sources: dict[str, str], timeout: float = 300,
                 only: list[str] | None = None) -> dict:
     """Grade one set of answers ({question: answer cell}) against `spec` in this process.
     `only`: run the tests of these questions alone (every answer is still defined)."""
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     out = []
     for v in job["variants"]:  # {question: source}, or {"sources": {...}, "only": [question, ...]}
         sources, only = (v["sources"], v["only"]) if "only" in v and "sources" in v else (v, None)
-        out.append(run_variant(job["spec"], sources, job.get("timeout", 120), only))
+        out.append(run_variant(job["spec"], sources, job.get("timeout", 300), only))
     Path(argv[1]).write_text(json.dumps(out, indent=1))
     return 0
 
