@@ -187,3 +187,13 @@ def test_python_level_torch_methods_are_caught_by_code_object():
     with pytest.raises(ForbiddenCall, match="parameters"):
         with forbid("torch.nn.Module.parameters"):
             sum(p.numel() for p in lin.parameters())
+
+
+def test_an_interrupt_inside_the_block_goes_through():
+    class Stop(BaseException):
+        pass
+
+    with pytest.raises(Stop):
+        with forbid("torch.softmax"):
+            raise Stop()
+    assert sys.getprofile() is None

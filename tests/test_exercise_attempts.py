@@ -11,6 +11,7 @@ process (`kvlab.course.sandbox`, what `make grade` runs):
   `torch.equal`, the grader and the guard at the top level, and its test cells emptied) scores 0;
 and every graded question has an entry with at least 2 wrong answers and at least 1 shortcut.
 """
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -61,9 +62,9 @@ def _tampered(student) -> dict[str, str]:
     return solution_cells(nb)
 
 
-@pytest.fixture(scope="module", params=FILES, ids=[f.stem for f in FILES])
-def graded(request):
-    path = request.param
+@functools.cache
+def graded(path: Path):
+    """(chapter, spec, attempts, {label: results}) of one attempts file, graded in one process."""
     chapter = _chapter(path)
     attempts = _load(path)
     spec = chapter_spec(MASTERS / f"{chapter}.ipynb")
@@ -77,47 +78,52 @@ def graded(request):
             for i, src in enumerate(kinds.get(kind, [])):
                 variants.append({"sources": dict(master, **{q: src}), "only": [q]})
                 labels.append(f"{q}/{kind}[{i}]")
-    results, status = run_sandbox(spec, variants, timeout=1200, test_timeout=120)
+    results, status = run_sandbox(spec, variants, timeout=1800, test_timeout=300)
     assert results is not None, f"{chapter}: {status}"
     return chapter, spec, attempts, dict(zip(labels, results))
 
 
-def test_every_question_has_attempts(graded):
-    chapter, spec, attempts, _ = graded
-    names = {q["name"] for q in spec["questions"]}
-    assert set(attempts) <= names, f"{chapter}: attempts for unknown questions {set(attempts) - names}"
-    for q in names:
-        a = attempts.get(q, {})
-        assert len(a.get("wrong", [])) >= 2, f"{chapter}/{q}: needs >= 2 plausible wrong answers"
-        assert len(a.get("shortcuts", [])) >= 1, f"{chapter}/{q}: needs >= 1 shortcut"
+class AttemptTests:
+    """The checks of one chapter's attempts file; one subclass per file (below), so that
+    `--dist loadscope` spreads the chapters over the workers and each grades its chapter once."""
+    path: Path
+
+    def test_every_question_has_attempts(self):
+        chapter, spec, attempts, _ = graded(self.path)
+        names = {q["name"] for q in spec["questions"]}
+        assert set(attempts) <= names, f"{chapter}: attempts for unknown questions {set(attempts) - names}"
+        for q in names:
+            a = attempts.get(q, {})
+            assert len(a.get("wrong", [])) >= 2, f"{chapter}/{q}: needs >= 2 plausible wrong answers"
+            assert len(a.get("shortcuts", [])) >= 1, f"{chapter}/{q}: needs >= 1 shortcut"
+
+    def test_every_question_is_labelled(self):
+        chapter, spec, _, _ = graded(self.path)
+        for q in spec["questions"]:
+            assert q["difficulty"] in (1, 2, 3), f"{chapter}/{q['name']}: difficulty 1-3 in BEGIN QUESTION"
+            assert isinstance(q["minutes"], int) and q["minutes"] > 0, f"{chapter}/{q['name']}: minutes"
+            assert q["hidden"], f"{chapter}/{q['name']}: no hidden test"
+
+    def test_master_scores_full_marks(self):
+        chapter, _, _, res = graded(self.path)
+        bad = {q: r["messages"] for q, r in res["master"].items() if r["score"] != r["possible"]}
+        assert not bad, f"{chapter}: the master's solutions fail: {bad}"
+
+    def test_stubs_score_zero(self):
+        chapter, _, _, res = graded(self.path)
+        assert {q: r["score"] for q, r in res["stubs"].items() if r["score"]} == {}
+
+    def test_tampering_gains_nothing(self):
+        chapter, _, _, res = graded(self.path)
+        assert {q: r["score"] for q, r in res["tamper"].items() if r["score"]} == {}
+
+    def test_every_shortcut_and_wrong_answer_scores_zero(self):
+        chapter, _, _, res = graded(self.path)
+        passed = [label for label, r in res.items() if "/" in label
+                  and r[label.split("/")[0]]["score"] != 0]
+        assert not passed, f"{chapter}: these attempts scored: {passed}"
 
 
-def test_every_question_is_labelled(graded):
-    chapter, spec, _, _ = graded
-    for q in spec["questions"]:
-        assert q["difficulty"] in (1, 2, 3), f"{chapter}/{q['name']}: difficulty 1-3 in BEGIN QUESTION"
-        assert isinstance(q["minutes"], int) and q["minutes"] > 0, f"{chapter}/{q['name']}: minutes"
-        assert q["hidden"], f"{chapter}/{q['name']}: no hidden test"
-
-
-def test_master_scores_full_marks(graded):
-    chapter, _, _, res = graded
-    bad = {q: r["messages"] for q, r in res["master"].items() if r["score"] != r["possible"]}
-    assert not bad, f"{chapter}: the master's solutions fail: {bad}"
-
-
-def test_stubs_score_zero(graded):
-    chapter, _, _, res = graded
-    assert {q: r["score"] for q, r in res["stubs"].items() if r["score"]} == {}
-
-
-def test_tampering_gains_nothing(graded):
-    chapter, _, _, res = graded
-    assert {q: r["score"] for q, r in res["tamper"].items() if r["score"]} == {}
-
-
-def test_every_shortcut_and_wrong_answer_scores_zero(graded):
-    chapter, _, _, res = graded
-    passed = [label for label, r in res.items() if "/" in label
-              and r[label.split("/")[0]]["score"] != 0]
-    assert not passed, f"{chapter}: these attempts scored: {passed}"
+for _f in FILES:
+    _name = f"TestAttempts_{_f.stem}"
+    globals()[_name] = type(_name, (AttemptTests,), {"path": _f})

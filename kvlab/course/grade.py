@@ -111,7 +111,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def run_sandbox(spec: dict, variants: list[dict[str, str]], timeout: float,
-                test_timeout: float = 120) -> tuple[list[dict] | None, str]:
+                test_timeout: float = 300) -> tuple[list[dict] | None, str]:
     """Grade `variants` (each {question: answer source}) in one fresh process.
     Returns (results, "ok") or (None, why not)."""
     with tempfile.TemporaryDirectory(prefix="kvlab-grade-") as tmp:

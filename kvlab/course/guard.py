@@ -174,7 +174,7 @@ _TAMPER_IDS = {id(f) for f in _TAMPER if f is not None}
 
 
 class _FunctionMode(TorchFunctionMode):
-    def __init__(self, guard: "_Guard"):
+    def __init__(self, guard: _Guard):
         super().__init__()
         self.guard = guard
 
@@ -185,7 +185,7 @@ class _FunctionMode(TorchFunctionMode):
 
 
 class _DispatchMode(TorchDispatchMode):
-    def __init__(self, guard: "_Guard"):
+    def __init__(self, guard: _Guard):
         super().__init__()
         self.guard = guard
 
@@ -337,12 +337,16 @@ class forbid:
     def __exit__(self, exc_type, exc, tb):
         g = self._guard
         g.active = False
-        intact = sys.getprofile() is _profile and builtins.__import__ is _guarded_import
-        fmodes = torch.overrides._get_current_function_mode_stack()
-        intact = intact and bool(fmodes) and fmodes[-1] is self._modes[0]
+        broken = []
+        if sys.getprofile() is not _profile:
+            broken.append("the profile hook")
+        if builtins.__import__ is not _guarded_import:
+            broken.append("the import hook")
         from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-        dmodes = _get_current_dispatch_mode_stack()
-        intact = intact and bool(dmodes) and dmodes[-1] is self._modes[1]
+        if not any(m is self._modes[0] for m in torch.overrides._get_current_function_mode_stack()):
+            broken.append("the torch function mode")
+        if not any(m is self._modes[1] for m in _get_current_dispatch_mode_stack()):
+            broken.append("the torch dispatch mode")
         prof, tprof, imp, impm = self._saved
         _INTERNAL[0] += 1
         sys.setprofile(prof)
@@ -358,8 +362,11 @@ class forbid:
         stack = _guards()
         if g in stack:
             stack.remove(g)
-        if not intact:
-            g.violations.append("switching the forbidden-call guard off is not allowed")
+        if broken:
+            g.violations.append(f"switching the forbidden-call guard off ({', '.join(broken)} removed) "
+                                "is not allowed")
+        if exc is not None and not isinstance(exc, Exception):
+            return False  # a timeout or an interrupt (it may have unset the hook): let it through
         if g.violations and not isinstance(exc, ForbiddenCall):
             raise ForbiddenCall(g.violations[0])
         return False

@@ -34,6 +34,8 @@ SOLUTION_TAG = "otter_assign_solution_cell"
 _CHECK = re.compile(r"""grader\.check\(\s*["']([A-Za-z0-9_]+)["']\s*\)""")
 # Imports the tests never need (plotting) are left out of the chapter's test prelude.
 _SKIP_IMPORTS = ("matplotlib", "IPython", "otter", "os", "time")
+# A prompt may state the label itself ("*Difficulty 3/3 · about 40 minutes.*") instead of the yaml.
+_PROMPT_LABEL = re.compile(r"difficulty\s*(\d)\s*/\s*3\s*·\s*about\s*(\d+)\s*min", re.IGNORECASE)
 
 
 @dataclass
@@ -118,6 +120,10 @@ def parse_master(master) -> tuple[list[Question], list[str]]:
             elif src.startswith(("# END SOLUTION", "# END TESTS")):
                 region = None
             continue
+        if cell.cell_type == "markdown" and q is not None and region is None and not q.difficulty:
+            m = _PROMPT_LABEL.search(cell.source)
+            if m:
+                q.difficulty, q.minutes = int(m.group(1)), q.minutes or int(m.group(2))
         if cell.cell_type != "code":
             continue
         if q is None:

@@ -21,8 +21,8 @@ variant may also be `{"sources": {...}, "only": [question]}`: only those questio
 the result holds one `{question: {score, possible, messages}}` per variant.
 """
 from __future__ import annotations
-
 import __future__
+
 import ast
 import builtins
 import json
@@ -33,7 +33,7 @@ from pathlib import Path
 
 ALLOWED_MODULES = {"torch", "math", "numpy", "collections", "dataclasses", "typing", "itertools",
                    "heapq", "bisect", "functools", "kvlab", "triton", "operator", "enum",
-                   "__future__", "statistics", "random"}
+                   "__future__", "statistics", "random", "hashlib", "struct", "copy"}
 DENIED_SUBMODULES = {"overrides", "course", "_C"}
 DENIED_NAMES = {"eval", "exec", "compile", "__import__", "globals", "locals", "vars", "getattr",
                 "setattr", "delattr", "open", "breakpoint", "input", "exit", "quit", "help",
@@ -264,7 +264,7 @@ def _run_prelude(prelude, namespace) -> None:
             pass
 
 
-def run_variant(spec: dict, sources: dict[str, str], timeout: float = 120,
+def run_variant(spec: dict, sources: dict[str, str], timeout: float = 300,
                 only: list[str] | None = None) -> dict:
     """Grade one set of answers ({question: answer cell}) against `spec` in this process.
     `only`: run the tests of these questions alone (every answer is still defined)."""
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     out = []
     for v in job["variants"]:  # {question: source}, or {"sources": {...}, "only": [question, ...]}
         sources, only = (v["sources"], v["only"]) if "only" in v and "sources" in v else (v, None)
-        out.append(run_variant(job["spec"], sources, job.get("timeout", 120), only))
+        out.append(run_variant(job["spec"], sources, job.get("timeout", 300), only))
     Path(argv[1]).write_text(json.dumps(out, indent=1))
     return 0
 
