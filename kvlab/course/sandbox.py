@@ -33,7 +33,7 @@ from pathlib import Path
 
 ALLOWED_MODULES = {"torch", "math", "numpy", "collections", "dataclasses", "typing", "itertools",
                    "heapq", "bisect", "functools", "kvlab", "triton", "operator", "enum",
-                   "__future__", "statistics", "random"}
+                   "__future__", "statistics", "random", "hashlib", "struct"}
 DENIED_SUBMODULES = {"overrides", "course", "_C"}
 DENIED_NAMES = {"eval", "exec", "compile", "__import__", "globals", "locals", "vars", "getattr",
                 "setattr", "delattr", "open", "breakpoint", "input", "exit", "quit", "help",
