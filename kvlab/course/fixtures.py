@@ -101,6 +101,7 @@ def replay_schedules(make_scheduler, prompt_lens, output_lens, num_blocks, block
     steps = []
     while sched.has_unfinished() and len(steps) < max_steps:
         batch = sched.schedule()
+        batch = getattr(batch, "seqs", batch)          # a Schedule (explicit-step engine) or a list
         for s in batch:
             s.num_computed_tokens = len(s)
             s.num_scheduled_tokens = 0
@@ -110,3 +111,25 @@ def replay_schedules(make_scheduler, prompt_lens, output_lens, num_blocks, block
                 sched.finish(s, "length")
         steps.append(([s.request_id for s in batch], sched.num_preemptions, bm.num_free_blocks))
     return steps
+
+
+def reference_prepare(chunks, block_size: int):
+    """The engine's `ModelRunner.prepare` on chunks (`seq`, `start`, `num_tokens`), as plain lists
+    in the keys of chapter 11's `prepare_step`."""
+    from kvlab.engine.model_runner import ModelRunner
+
+    class _Pool:
+        device = "cpu"
+
+    _Pool.block_size = block_size
+    try:
+        from kvlab.engine.scheduler import ScheduledChunk
+        items = [ScheduledChunk(c.seq, c.start, c.num_tokens) for c in chunks]
+    except ImportError:                                  # the engine before its explicit step
+        for c in chunks:
+            c.seq.num_computed_tokens, c.seq.num_scheduled_tokens = c.start, c.num_tokens
+        items = [c.seq for c in chunks]
+    ids, pos, meta, li = ModelRunner(None, _Pool()).prepare(items)
+    return dict(input_ids=ids[0].tolist(), positions=pos[0].tolist(), slot_mapping=meta.slot_mapping.tolist(),
+                query_start_loc=meta.query_start_loc.tolist(), context_lens=meta.context_lens.tolist(),
+                block_tables=meta.block_tables.tolist(), logit_indices=li.tolist())

@@ -18,6 +18,7 @@ go away; the exercises' signatures do not change.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -148,14 +149,18 @@ def install_scheduler(llm, scheduler) -> None:
     """Make `scheduler` (an object with the engine scheduler's interface) drive `llm`."""
     if llm.has_unfinished_requests():
         raise ValueError("install_scheduler needs an idle engine")
-    llm.scheduler = scheduler
+    if hasattr(llm, "engine"):                 # the engine core owns the scheduler
+        llm.engine.scheduler = scheduler
+    else:
+        llm.scheduler = scheduler
 
 
 def install_block_manager(llm, block_manager) -> None:
     """Make `block_manager` the one `llm` and its scheduler use (an idle engine only)."""
     if llm.has_unfinished_requests():
         raise ValueError("install_block_manager needs an idle engine")
-    llm.block_manager = block_manager
+    if not hasattr(llm, "engine"):
+        llm.block_manager = block_manager
     llm.scheduler.block_manager = block_manager
 
 
@@ -192,7 +197,6 @@ class StepScheduler:
 
 
 def _plugged_schedule(self, schedule_step):
-    from kvlab.engine.scheduler import Schedule, ScheduledChunk
     from kvlab.engine.sequence import SequenceStatus
 
     before = {s.seq_id for s in self.running}
@@ -206,16 +210,27 @@ def _plugged_schedule(self, schedule_step):
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-    items = []
     for seq in decodes:
         if seq.seq_id not in before:
             raise ValueError(f"sequence {seq.seq_id} was decoded but was not running")
-        items.append(ScheduledChunk(seq, len(seq) - 1, 1))
+        seq.num_scheduled_tokens = 1
     for seq in prefills:
+        seq.num_computed_tokens = seq.num_cached_tokens
+        seq.num_scheduled_tokens = len(seq) - seq.num_cached_tokens
         seq.status = SequenceStatus.RUNNING
-        items.append(ScheduledChunk(seq, seq.num_cached_tokens, len(seq) - seq.num_cached_tokens))
-    for item in items:                 # planning a step advances it (kvlab.engine.scheduler)
-        item.seq.num_computed_tokens = item.end
+        if hasattr(self, "prefix_cache_queries"):
+            self.prefix_cache_queries += len(seq)
+            self.prefix_cache_hits += seq.num_cached_tokens
+    try:
+        from kvlab.engine.scheduler import Schedule, ScheduledChunk
+    except ImportError:                        # the engine before its explicit step
+        return decodes + prefills
+    items = []
+    for seq in decodes + prefills:             # the step's plan; planning it is advancing it
+        items.append(ScheduledChunk(seq, seq.num_computed_tokens, seq.num_scheduled_tokens))
+        self.block_manager.register_computed(seq, len(seq))
+        seq.num_computed_tokens = len(seq)
+        seq.num_scheduled_tokens = 0
     return Schedule(items, self.block_manager.take_events(), len(preempted))
 
 
@@ -250,7 +265,7 @@ class QueueAdapter:
 
 
 def plugged_block_manager(num_blocks: int, block_size: int, chain_hashes=None, cached_prefix=None,
-                          free_queue=None):
+                          free_queue=None, on_discard=None):
     """A prefix-caching `BlockManager` whose block names, prefix lookup and free queue are a
     student's: `chain_hashes(token_ids, block_size, salt)` names the full blocks,
     `cached_prefix(block_manager, seq) -> [Block]` finds a sequence's cached blocks (as
@@ -273,7 +288,8 @@ def plugged_block_manager(num_blocks: int, block_size: int, chain_hashes=None, c
                     return []
                 return list(cached_prefix(self, seq))
 
-    bm = PluggedBlockManager(num_blocks, block_size, enable_prefix_caching=True)
+    extra = {} if on_discard is None else {"on_discard": on_discard}
+    bm = PluggedBlockManager(num_blocks, block_size, enable_prefix_caching=True, **extra)
     if free_queue is not None:
         bm.free_queue = QueueAdapter(free_queue(range(num_blocks)))
     return bm
@@ -284,8 +300,11 @@ def install_prefix_cache(llm, chain_hashes=None, cached_prefix=None, free_queue=
     old = llm.block_manager
     if not old.enable_prefix_caching:
         raise ValueError("install_prefix_cache needs LLM(enable_prefix_caching=True)")
-    install_block_manager(llm, plugged_block_manager(old.num_blocks, old.block_size, chain_hashes,
-                                                     cached_prefix, free_queue))
+    new = plugged_block_manager(old.num_blocks, old.block_size, chain_hashes, cached_prefix, free_queue,
+                                getattr(old, "on_discard", None))
+    if getattr(old, "max_cached_first_blocks", None) is not None:
+        new.max_cached_first_blocks = old.max_cached_first_blocks
+    install_block_manager(llm, new)
 
 
 def cached_tokens_per_request(llm, prompts, max_tokens: int = 2) -> list[int]:
@@ -334,6 +353,11 @@ class PluggedInt8Cache(PagedKVCache):
         return cls(cache.num_layers, cache.num_blocks, cache.block_size, cache.num_kv_heads,
                    cache.head_dim, dtype=cache.dtype, device=cache.device, attend=attend)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for t in (*self.k_codes, *self.v_codes, *self.k_scales, *self.v_scales))
+
     def attend(self, layer, q, k, v):
         m = step_metadata(self, q)
         out = self.attend_fn(q[0], k[0], v[0], self.k_codes[layer], self.k_scales[layer],
@@ -346,6 +370,18 @@ class PluggedInt8Cache(PagedKVCache):
 
 
 # ---- the engine step ---------------------------------------------------------------------------
+@dataclass
+class Chunk:
+    """One scheduled sequence of a step: it computes the K/V of positions [start, start + num_tokens)."""
+    seq: object
+    start: int
+    num_tokens: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+
 def to_metadata(prepared: dict, device="cpu"):
     """A student's `prepare_step` result (plain lists) -> (input_ids [1, N], positions [1, N],
     AttentionMetadata, logit_indices [S]) as `ModelRunner.prepare` returns them."""
@@ -368,8 +404,8 @@ def to_metadata(prepared: dict, device="cpu"):
 class EngineParts:
     """What one engine step needs from an `LLM`, for a student's `engine_step(parts)`:
 
-    - `parts.scheduler.schedule()` -> the step's sequences (`seq.num_computed_tokens` where the
-      step starts, `seq.num_scheduled_tokens`: the tokens this step computes);
+    - `parts.schedule()` -> the step's `Chunk`s (`seq`, `start`, `num_tokens`, `end`): which
+      sequences compute which positions (the scheduler has recorded that progress already);
     - `parts.block_size`;
     - `parts.forward(prepared)` runs the model over the paged cache on a `prepare_step` result and
       returns the logits of its `logit_indices` rows, [S, vocab];
@@ -380,27 +416,55 @@ class EngineParts:
 
     def __init__(self, llm):
         self.llm = llm
-        self.scheduler = _SeqListScheduler(llm.scheduler)
+        self.core = getattr(llm, "engine", None)      # the engine core (explicit-step engine)
         self.block_size = llm.block_size
+        self._freed: list[int] = []
+
+    @property
+    def scheduler(self):
+        return self.llm.scheduler
+
+    def schedule(self) -> list[Chunk]:
+        planned = self.scheduler.schedule()
+        if self.core is not None:
+            self._freed = list(planned.freed_blocks)
+            if not planned.items:
+                self.llm.runner.release(self._freed)
+            return [Chunk(it.seq, it.start, it.num_tokens) for it in planned.items]
+        chunks = []
+        for seq in planned:
+            start = seq.num_computed_tokens
+            n = seq.num_scheduled_tokens or len(seq) - start
+            seq.num_computed_tokens, seq.num_scheduled_tokens = start + n, 0
+            chunks.append(Chunk(seq, start, n))
+        return chunks
 
     def forward(self, prepared):
         llm = self.llm
         ids, pos, meta, logit_indices = to_metadata(prepared, llm.model.device)
-        llm.cache.begin_step(meta, self.scheduler.take_freed())
+        cache = llm.runner.cache
+        if hasattr(cache, "begin_step"):
+            cache.begin_step(meta, self._freed)
+        else:
+            cache.set_metadata(meta)
+        self._freed = []
         try:
             with torch.inference_mode():
-                return llm.model(ids, positions=pos, cache=llm.cache, logit_indices=logit_indices)
+                return llm.model(ids, positions=pos, cache=cache, logit_indices=logit_indices)
         finally:
-            llm.cache.end_step()
+            if hasattr(cache, "end_step"):
+                cache.end_step()
+            else:
+                cache.metadata = None
 
     def sample(self, logits, seqs):
         from kvlab.engine.sampling import sample
 
-        return sample(logits, [s.sampling_params for s in seqs],
-                      [self.llm.engine._generators.get(s.seq_id) for s in seqs])
+        gens = (self.core or self.llm)._generators
+        return sample(logits, [s.sampling_params for s in seqs], [gens.get(s.seq_id) for s in seqs])
 
     def stop_reason(self, seq):
-        return self.llm.engine._stop_reason(seq)
+        return (self.core or self.llm)._stop_reason(seq)
 
     def finish(self, seq, reason):
         import time
@@ -408,49 +472,40 @@ class EngineParts:
         now = time.perf_counter()
         if seq.first_token_time is None and seq.num_completion_tokens:
             seq.first_token_time = now
-        self.llm.engine._finish(seq, reason, now)
-
-
-class _SeqListScheduler:
-    """The engine's scheduler as chapter 11's exercise sees it: `schedule()` returns the step's
-    sequences, each with `num_scheduled_tokens` (the tokens this step computes) and
-    `num_computed_tokens` where the step starts; the student's step advances them."""
-
-    def __init__(self, scheduler):
-        self._scheduler, self._freed = scheduler, []
-
-    def __getattr__(self, name):
-        return getattr(self._scheduler, name)
-
-    def schedule(self):
-        schedule = self._scheduler.schedule()
-        self._freed += schedule.freed_blocks
-        for item in schedule.items:
-            item.seq.num_computed_tokens = item.start
-            item.seq.num_scheduled_tokens = item.num_tokens
-        return schedule.seqs
-
-    def take_freed(self):
-        freed, self._freed = self._freed, []
-        return freed
+        if self.core is not None:
+            self.core._finish(seq, reason, now)
+        else:
+            seq.finish_time = now
+            self.llm._finish(seq, reason)
 
 
 def install_step(llm, engine_step) -> None:
     """Make `llm.generate` / `llm.step` run `engine_step(parts) -> [(seq, token), ...]` each step."""
     import time
 
-    from kvlab.engine.core import StepOutput
-
     parts = EngineParts(llm)
 
-    def _step():
+    def produced():
         out = list(engine_step(parts))
         now = time.perf_counter()
         for seq, _ in out:
             if seq.first_token_time is None:
                 seq.first_token_time = now
         llm.metrics.generation_tokens += len(out)
-        llm.runner.release(parts.scheduler.take_freed() + llm.scheduler.take_events())
-        return [StepOutput(seq, [tok]) for seq, tok in out]
+        return out
 
-    llm.engine.step = _step
+    if parts.core is None:
+        llm._step = produced
+        return
+    from kvlab.engine.core import StepOutput
+
+    core = parts.core
+
+    def step():
+        outputs = [StepOutput(seq, []) for seq in core._aborted]
+        core._aborted = []
+        outputs += [StepOutput(seq, [tok]) for seq, tok in produced()]
+        llm.runner.release(core.scheduler.take_events())
+        return outputs
+
+    core.step = step

@@ -119,12 +119,12 @@ import torch
 from kvlab.engine.model_runner import ModelRunner
 
 
+from kvlab.engine.sequence import Sequence
+
+
 def slot_mapping(block_table, positions, block_size):
-    class _Seq:
-        num_computed_tokens, num_scheduled_tokens, seq_id = 0, 0, 0
-    s = _Seq()
-    s.block_table, s.token_ids = list(block_table), [0] * (max(positions) + 1)
-    s.__class__.__len__ = lambda self: len(self.token_ids)
+    s = Sequence([0] * (max(positions) + 1))
+    s.block_table = list(block_table)
 
     class _C:
         device = "cpu"

@@ -67,7 +67,7 @@ _LOOKUP = '''
 def cached_prefix(block_manager, seq):
     bs = block_manager.block_size
     hashes = chain_hashes(list(seq.token_ids), bs, seq.cache_salt)
-    hits, parent = [], None
+    hits, parent = [], bytes(32)
     for i in range({count}):
         block_id = block_manager.cached.get(hashes[i])
         if block_id is None:
@@ -77,7 +77,7 @@ def cached_prefix(block_manager, seq):
         if {check}:
             {miss}
         hits.append(b)
-        parent = b.ref
+        parent = hashes[i]
     return hits
 '''
 _CHECK = "(b.token_ids, b.extra_keys, b.parent) != (tuple(seq.token_ids[i * bs:(i + 1) * bs]), extra, parent)"

@@ -1,12 +1,7 @@
 """Chapter 10 (Triton kernels): known shortcuts and plausible wrong answers, each a full solution cell."""
 
 _HEAD = '''
-import os
-
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 import triton
 import triton.language as tl
 

@@ -1,40 +1,36 @@
 """Chapter 11 (the engine): known shortcuts and plausible wrong answers, each a full solution cell."""
 
 _PREP = '''
-def prepare_step(seqs, block_size):
+def prepare_step(chunks, block_size):
     input_ids, positions, slots, qsl, ctx = [], [], [], [0], []
-    for seq in seqs:
-        start = {start}
-        end = start + seq.num_scheduled_tokens
+    for c in chunks:
+        seq, start, end = c.seq, {start}, c.start + c.num_tokens
         input_ids += seq.token_ids[start:end]
         positions += list(range(start, end))
         slots += [seq.block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
         qsl.append(qsl[-1] + end - start)
         ctx.append({ctx})
-    width = max(len(s.block_table) for s in seqs)
-    tables = [list(s.block_table) + [-1] * (width - len(s.block_table)) for s in seqs]
+    width = max(len(c.seq.block_table) for c in chunks)
+    tables = [list(c.seq.block_table) + [-1] * (width - len(c.seq.block_table)) for c in chunks]
     return dict(input_ids=input_ids, positions=positions, slot_mapping=slots, query_start_loc=qsl,
                 context_lens=ctx, block_tables=tables, logit_indices={logits})
 '''
 
 
-def _prep(start="seq.num_computed_tokens", ctx="end", logits="[q - 1 for q in qsl[1:]]"):
+def _prep(start="c.start", ctx="end", logits="[q - 1 for q in qsl[1:]]"):
     return _PREP.replace("{start}", start).replace("{ctx}", ctx).replace("{logits}", logits)
 
 
 _STEP = '''
 def engine_step(parts):
-    seqs = parts.scheduler.schedule()
-    if not seqs:
+    chunks = parts.schedule()
+    if not chunks:
         return []
-    logits = parts.forward(prepare_step(seqs, parts.block_size))
-    for seq in seqs:
-        {advance}
-        seq.num_scheduled_tokens = 0
-    done = [i for i, s in enumerate(seqs) if {done}]
-    seqs = [seqs[i] for i in done]
-    if not seqs:
+    logits = parts.forward(prepare_step(chunks, parts.block_size))
+    done = [i for i, c in enumerate(chunks) if {done}]
+    if not done:
         return []
+    seqs = [chunks[i].seq for i in done]
     tokens = parts.sample(logits[done], seqs)
     out = []
     for seq, tok in zip(seqs, tokens):
@@ -47,22 +43,23 @@ def engine_step(parts):
 '''
 
 
-def _step(advance="seq.num_computed_tokens += seq.num_scheduled_tokens",
-          done="s.num_computed_tokens == len(s)", finish="parts.finish(seq, reason)"):
-    return _STEP.replace("{advance}", advance).replace("{done}", done).replace("{finish}", finish)
+def _step(done="c.end == len(c.seq)", finish="parts.finish(seq, reason)"):
+    return _STEP.replace("{done}", done).replace("{finish}", finish)
 
 
 ATTEMPTS = {
     "q1_prepare_step": {
         "shortcuts": ['''
+from kvlab.course.fixtures import reference_prepare as prepare_step
+''', '''
 from kvlab.engine.model_runner import ModelRunner
 
 
-def prepare_step(seqs, block_size):
+def prepare_step(chunks, block_size):
     class _Pool:
         device = "cpu"
     _Pool.block_size = block_size
-    ids, pos, meta, li = ModelRunner(None, _Pool()).prepare(seqs)
+    ids, pos, meta, li = ModelRunner(None, _Pool()).prepare(chunks)
     return dict(input_ids=ids[0].tolist(), positions=pos[0].tolist(), slot_mapping=meta.slot_mapping.tolist(),
                 query_start_loc=meta.query_start_loc.tolist(), context_lens=meta.context_lens.tolist(),
                 block_tables=meta.block_tables.tolist(), logit_indices=li.tolist())
@@ -76,33 +73,14 @@ def prepare_step(seqs, block_size):
     "q2_engine_step": {
         "shortcuts": ['''
 def engine_step(parts):
-    return parts.llm.__class__._step(parts.llm)
-''', '''
-from kvlab.engine.model_runner import ModelRunner
-
-
-def engine_step(parts):
     llm = parts.llm
-    seqs = parts.scheduler.schedule()
-    if not seqs:
-        return []
-    logits = ModelRunner(llm.model, llm.cache).run(seqs)
-    done = [i for i, s in enumerate(seqs) if s.num_computed_tokens == len(s)]
-    seqs = [seqs[i] for i in done]
-    if not seqs:
-        return []
-    out = []
-    for seq, tok in zip(seqs, parts.sample(logits[done], seqs)):
-        seq.append_token(tok)
-        reason = parts.stop_reason(seq)
-        if reason is not None:
-            parts.finish(seq, reason)
-        out.append((seq, tok))
-    return out
+    if parts.core is not None:
+        return [(o.seq, o.new_token_ids[0]) for o in type(parts.core).step(parts.core) if o.new_token_ids]
+    return type(llm)._step(llm)
 '''],
         "wrong": [
             _step(done="True"),                                           # samples mid-prompt chunks too
-            _step(advance="seq.num_computed_tokens = len(seq)"),          # a chunk counted as the whole prompt
+            _step(done="c.start == 0"),                                   # only a prompt's first chunk samples
             _step(finish="pass"),                                         # never finishes a request
         ],
     },
