@@ -17,7 +17,7 @@ PYTEST_WORKERS ?= 2
 # Student notebooks (the course); masters are in notebooks/masters/ and are tested through otter.
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: help venv course test lab lab-root-check students grade lint clean
+.PHONY: help venv course test book book-deps book-test lab lab-root-check students grade release lint clean
 
 help:
 	@echo "make course   run every notebook into build/ and regenerate figures/"
@@ -25,6 +25,9 @@ help:
 	@echo "make lab      JupyterLab on notebooks/ (as root: make lab ALLOW_ROOT=1)"
 	@echo "make students regenerate notebooks/NN_name.ipynb from notebooks/masters/"
 	@echo "make grade SUBMISSIONS=folder   grade a folder of submitted notebooks"
+	@echo "make book     the executed chapters (build/course) as a static site: build/book/src/_build/html"
+	@echo "make book-test  every chapter run small, the site built and opened in headless Chromium"
+	@echo "make release  student distribution + one Gradescope autograder per chapter (build/release/)"
 	@echo "make lint     ruff"
 
 venv: $(STAMP)
@@ -58,6 +61,26 @@ test: venv
 	  tests $(NOTEBOOKS); \
 	rc=$$?; rm -rf $$figs; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
+# The course site: Jupyter Book 1.x (the `book` extra) over the executed copies that `make course` wrote.
+book-deps: venv
+	@$(PY) -c "import jupyter_book" 2>/dev/null || $(PY) -m pip install --quiet -e ".[book]"
+
+book: book-deps
+	$(PY) -m kvlab.course.book --executed build/course --out build/book
+
+# The site in a real browser: every chapter executed small (figures to a temporary folder), the site
+# built from those copies, and tests/test_book.py opening each page in headless Chromium (installed
+# with apt when missing, as root). The screenshot it checks is left in build/book-test/screenshot.png.
+book-test: book-deps
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@figs=$$(mktemp -d); \
+	OMP_NUM_THREADS=1 KVLAB_SMOKE=1 KVLAB_FIGURES_DIR=$$figs $(PY) -m kvlab.course.run_course \
+	  --out build/book-test/course $(NOTEBOOKS) && \
+	KVLAB_BOOK_EXECUTED=build/book-test/course KVLAB_BOOK_OUT=build/book-test $(PY) -m pytest -q \
+	  -p no:cacheprovider --timeout=1800 tests/test_book.py; \
+	rc=$$?; rm -rf $$figs; exit $$rc
+
 # JupyterLab refuses to run as root; say so before any set-up, and pass --allow-root only when asked.
 lab-root-check:
 	@if [ "$$(id -u)" = "0" ] && [ "$(ALLOW_ROOT)" != "1" ]; then \
@@ -72,6 +95,9 @@ students: venv
 
 grade: venv
 	$(PY) -m kvlab.course.grade $(SUBMISSIONS) --out $(GRADE_OUT) --timeout $(GRADE_TIMEOUT)
+
+release: venv
+	$(PY) -m kvlab.course.release --out build/release
 
 lint: venv
 	$(PY) -m ruff check kvlab tests benchmarks

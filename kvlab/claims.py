@@ -12,7 +12,7 @@ statements say "about"; a bound ("more than twice") holds when the computed numb
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvlab.forward_cost import forward_cost
 from kvlab.memory import MODELS, kv_bytes_per_token, kv_cache_bytes, max_concurrent_sequences, weight_bytes
@@ -21,6 +21,40 @@ from kvlab.roofline import GPUS
 TOLERANCE = 0.10
 GB = 1e9
 BLOCK_SIZE = 16          # tokens per block of the paged cache (vLLM's default)
+
+# Where each statement comes from. Issue 3 of this project listed the nine as statements that
+# circulate; it named no publication. Where a published form was found it is cited; where none was,
+# the entry says so rather than guess.
+_FROM_ISSUE = "kvlab issue 3 (chapter 05's list of circulating statements; no publication named)"
+SOURCES = {
+    1: f"{_FROM_ISSUE}; arithmetic of the Llama 2 70B shape (Touvron et al., 2023, Table 1) with MHA",
+    2: f"{_FROM_ISSUE}; GQA itself: Ainslie et al., 2023, 'GQA: Training Generalized Multi-Query "
+       "Transformer Models from Multi-Head Checkpoints'",
+    3: f"{_FROM_ISSUE}; not traced to a publication",
+    4: f"{_FROM_ISSUE}; the same 7B / 32-layer / 4,096-token example ('~2 GB') is worked in NVIDIA's "
+       "technical blog 'Mastering LLM Techniques: Inference Optimization' (2023)",
+    5: f"{_FROM_ISSUE}; not traced to a publication (the paging gain it cites is the idea of Kwon et "
+       "al., 2023, 'Efficient Memory Management for Large Language Model Serving with PagedAttention')",
+    6: f"{_FROM_ISSUE}; not traced to a publication",
+    7: f"{_FROM_ISSUE}; the formula is given in this form in NVIDIA's technical blog 'Mastering LLM "
+       "Techniques: Inference Optimization' (2023), which states it for multi-head attention",
+    8: f"{_FROM_ISSUE}; vLLM's and TensorRT's FP8 KV-cache documentation state the same halving",
+    9: f"{_FROM_ISSUE}; not traced to a publication",
+}
+
+
+def tensor_parallel(gpu: str, n: int):
+    """`n` GPUs of one kind as one roofline machine: n x the FLOP/s, bandwidth and memory (a floor
+    for tensor parallelism: every GPU reads its 1/n of the weights; communication not counted)."""
+    g = GPUS[gpu]
+    return replace(g, name=f"{n}x {g.name}", peak_flops=g.peak_flops * n, bandwidth=g.bandwidth * n,
+                   memory_bytes=g.memory_bytes * n)
+
+
+def decode_floor(m, machine, prompt: int = 2000, new: int = 500, weight_dtype_bytes: float = 2) -> float:
+    """Roofline floor of `new` batch-1 decode steps after a `prompt`-token prefill, in seconds."""
+    return sum(forward_cost(m, 1, prompt + t, weight_dtype_bytes=weight_dtype_bytes).floor_seconds(machine)
+               for t in range(new))
 
 
 @dataclass(frozen=True)
@@ -33,10 +67,16 @@ class Claim:
     holds: bool
     reason: str
     assumptions: str
+    source: str = ""         # where the statement comes from
+    cases: str = ""          # the verdict by case, when one word would mislead
+
+    def __post_init__(self):
+        if not self.source:
+            object.__setattr__(self, "source", SOURCES.get(self.number, ""))
 
     @property
     def verdict(self) -> str:
-        return "holds" if self.holds else "does not hold"
+        return self.cases or ("holds" if self.holds else "does not hold")
 
 
 def close(stated: float, computed: float, rel: float = TOLERANCE) -> bool:
@@ -144,6 +184,9 @@ def claim_6(gpu: str = "H100 SXM") -> Claim:
     decode_h200 = sum(forward_cost(m, 1, 2000 + t).floor_seconds(h200) for t in range(500))
     per_step = forward_cost(m, 1, 2000)
     need_bw = per_step.bytes / (1.2 / 500)
+    node = {(k, wb): decode_floor(m, tensor_parallel(k, 8), weight_dtype_bytes=wb)
+            for k in (gpu, "H200") for wb in (2, 1)}
+    reachable = [f"8x {k} with {'fp8' if wb == 1 else 'fp16'} weights" for (k, wb), t in node.items() if t <= 1.2]
     return Claim(6, "The same 70B request takes 12.4 s without a cache and 2.8 s with one (1.6 s "
                     "prefill, then 500 tokens in 1.2 s) on one GPU.",
                  1.2, decode, "s for 500 decode steps", False,
@@ -155,9 +198,16 @@ def claim_6(gpu: str = "H100 SXM") -> Claim:
                  f"{prefill:.2f} s (1.6 s is plausible), so the cached request takes >= "
                  f"{prefill + decode:.1f} s, not 2.8; without a cache each step recomputes ~2,000+ "
                  f"tokens: >= {naive:.0f} s, not 12.4. And {weight_bytes(m) / GB:.0f} GB of fp16 weights do "
-                 f"not fit one {g.memory_bytes / GB:.0f} GB {gpu}",
+                 f"not fit one {g.memory_bytes / GB:.0f} GB {gpu}. On 8 GPUs (tensor parallel, "
+                 f"communication not counted) the 500 decode steps take >= "
+                 f"{node[gpu, 2]:.2f} s on 8x {gpu} with fp16 weights, {node[gpu, 1]:.2f} s with fp8 "
+                 f"weights, {node['H200', 2]:.2f} s and {node['H200', 1]:.2f} s on 8x H200: 1.2 s is "
+                 f"within reach only on " + (" or ".join(reachable) or "none of these"),
                  f"Llama-2-70B, fp16, batch 1, {gpu} datasheet ({g.peak_flops / 1e12:.0f} TFLOP/s "
-                 f"dense BF16, {g.bandwidth / 1e12:.2f} TB/s); roofline floors (no kernel is faster)")
+                 f"dense BF16, {g.bandwidth / 1e12:.2f} TB/s); roofline floors (no kernel is faster)",
+                 SOURCES[6],
+                 "does not hold on one GPU; the decode time is reachable only on "
+                 + (" or ".join(reachable) or "none of the 8-GPU nodes checked"))
 
 
 def claim_7() -> Claim:
@@ -172,7 +222,9 @@ def claim_7() -> Claim:
                  "the general formula is layers x length x batch x 2 x kv_heads x head_dim x bytes "
                  "(MLA: layers x length x (latent + RoPE dims) x bytes). Formula / true: "
                  + ", ".join(f"{k} {r:.2f}x" for k, r in rows.items()),
-                 "per token, batch 1, fp16; Gemma 2's windows left out (they only widen the gap)")
+                 "per token, batch 1, fp16; Gemma 2's windows left out (they only widen the gap)",
+                 SOURCES[7],
+                 "holds for full multi-head attention; overcounts GQA, MQA and MLA models")
 
 
 def claim_8() -> Claim:
@@ -197,6 +249,12 @@ def claim_9(gpu: str = "H100 SXM", first_context: int = 100) -> Claim:
     flop_ratio = late.flops / early.flops
     time_ratio = late.floor_seconds(g) / early.floor_seconds(g)
     cached = forward_cost(m, 1, 4000).floor_seconds(g) / forward_cost(m, 1, first_context).floor_seconds(g)
+
+    def ratio_at(batch):
+        return (forward_cost(m, 4000, batch=batch, use_cache=False).floor_seconds(g)
+                / forward_cost(m, first_context, batch=batch, use_cache=False).floor_seconds(g))
+    by_batch = {b: ratio_at(b) for b in (1, 2, 3, 4, 8, 64)}
+    from_batch = next((b for b, r in by_batch.items() if close(40, r)), None)
     return Claim(9, "Without a cache, a 4,000-token conversation takes 40x longer per generated token "
                     "than the first response.",
                  40, time_ratio, "x (time per token)", close(40, time_ratio),
@@ -204,10 +262,16 @@ def claim_9(gpu: str = "H100 SXM", first_context: int = 100) -> Claim:
                  f"still bound by reading the weights (intensity {early.intensity:.0f} < ridge "
                  f"{g.ridge:.0f}), so on an {gpu} the roofline time per token grows "
                  f"{time_ratio:.1f}x; time follows the FLOPs only on a machine whose ridge lies "
-                 f"below {first_context} FLOP/byte (a CPU). With a cache it grows {cached:.2f}x",
+                 f"below {first_context} FLOP/byte (a CPU). Batching lifts the short step's "
+                 f"intensity: by batch size the time ratio is "
+                 + ", ".join(f"{b}: {r:.1f}x" for b, r in by_batch.items())
+                 + f". With a cache it grows {cached:.2f}x",
                  f"the first response is generated at a {first_context}-token context (the reading "
                  f"that makes 4,000 / {first_context} = 40); Llama-3.1-8B, fp16, batch 1, roofline "
-                 f"floors on the {gpu} datasheet")
+                 f"floors on the {gpu} datasheet",
+                 SOURCES[9],
+                 (f"holds from batch {from_batch} on the {gpu} (in FLOPs always: {flop_ratio:.1f}x); "
+                  f"not at batch 1 ({time_ratio:.1f}x)") if from_batch else "does not hold")
 
 
 def check_all() -> list[Claim]:
@@ -219,5 +283,6 @@ def check_all() -> list[Claim]:
 def as_rows(claims: list[Claim] | None = None) -> list[dict]:
     """The claims as plain dicts (for a pandas DataFrame or a markdown table)."""
     return [{"#": c.number, "statement": c.statement, "stated": c.stated, "computed": c.computed,
-             "unit": c.unit, "verdict": c.verdict, "reason": c.reason, "assumptions": c.assumptions}
+             "unit": c.unit, "verdict": c.verdict, "reason": c.reason, "assumptions": c.assumptions,
+             "source": c.source}
             for c in (check_all() if claims is None else claims)]

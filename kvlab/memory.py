@@ -156,14 +156,16 @@ def weight_bytes(config, dtype_bytes: float = 2) -> float:
 def max_concurrent_sequences(config, gpu_bytes: float, tokens_per_seq: int, *,
                              weight_bytes: float | None = None, utilization: float = 0.9,
                              dtype_bytes: float = 2, weight_dtype_bytes: float = 2,
-                             kv_cache_dtype: str | None = None) -> int:
+                             kv_cache_dtype: str | None = None, activation_bytes: float = 0.0) -> int:
     """How many sequences of `tokens_per_seq` tokens fit in the cache of one GPU.
 
-    The cache gets `utilization x gpu_bytes - weight_bytes` (vLLM's `gpu_memory_utilization`
-    defaults to 0.9; activations and the CUDA context live in the rest). `weight_bytes` defaults to
-    num_params x weight_dtype_bytes. Each sequence is assumed to reserve its full
-    `tokens_per_seq` (a contiguous cache sized for the request; paging is what relaxes this).
-    Returns 0 when the weights alone do not fit.
+    The cache gets `utilization x gpu_bytes - weight_bytes - activation_bytes`, as in vLLM: its
+    `gpu_memory_utilization` (default 0.9) bounds everything vLLM allocates, the weights, the peak
+    activations of a profiling forward and the cache; the rest of the device is left to the CUDA
+    context and other processes. `activation_bytes` defaults to 0, which gives an upper bound
+    (chapter 06 states one). `weight_bytes` defaults to num_params x weight_dtype_bytes. Each
+    sequence is assumed to reserve its full `tokens_per_seq` (a contiguous cache sized for the
+    request; paging is what relaxes this). Returns 0 when the weights alone do not fit.
     """
     if not 0 < utilization <= 1:
         raise ValueError(f"utilization must be in (0, 1], got {utilization}")
@@ -171,7 +173,9 @@ def max_concurrent_sequences(config, gpu_bytes: float, tokens_per_seq: int, *,
         raise ValueError(f"gpu_bytes and tokens_per_seq must be positive, got {gpu_bytes}, {tokens_per_seq}")
     cfg = as_kv_config(config)
     w = cfg.num_params * weight_dtype_bytes if weight_bytes is None else weight_bytes
-    free = gpu_bytes * utilization - w
+    if activation_bytes < 0:
+        raise ValueError(f"activation_bytes must be >= 0, got {activation_bytes}")
+    free = gpu_bytes * utilization - w - activation_bytes
     if free <= 0:
         return 0
     return int(math.floor(free / kv_cache_bytes(cfg, tokens_per_seq, 1, dtype_bytes,

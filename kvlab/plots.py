@@ -55,9 +55,25 @@ def apply_style() -> None:
 
 @contextlib.contextmanager
 def style():
-    """The course style inside a `with` block only; the previous settings come back after it."""
-    with matplotlib.rc_context(STYLE):
-        yield
+    """The course style inside a `with` block only; the previous settings come back after it.
+
+    Only the style comes back, not interactive mode. In a Jupyter kernel the first figure of the
+    session resolves the inline backend, which turns interactive mode on so that each figure shows
+    under its cell. When that first figure is drawn inside this block, a bare
+    `matplotlib.rc_context` (which restores every rcParam but the backend) would switch interactive
+    mode off again on the way out, and every later figure of the notebook would be drawn and saved
+    but never shown. So interactive mode keeps the value the block ends with.
+    """
+    interactive = None
+    try:
+        with matplotlib.rc_context(STYLE):
+            try:
+                yield
+            finally:
+                interactive = matplotlib.is_interactive()
+    finally:
+        if interactive is not None:
+            matplotlib.interactive(interactive)
 
 
 def figures_dir() -> Path:

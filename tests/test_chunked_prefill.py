@@ -5,18 +5,11 @@ budget holds every step; running decodes get a token every step while a long pro
 a prompt's blocks reach the prefix cache only once computed. Random workloads with chunking run
 through the hypothesis test in tests/test_scheduler.py."""
 import pytest
+from _engine_helpers import GREEDY
+from _engine_helpers import random_prompts as _prompts
 
 from kvlab import LLM, SamplingParams
 from kvlab.engine.model_runner import ModelRunner
-
-GREEDY = dict(temperature=0, ignore_eos=True)
-
-
-def _prompts(lengths, seed=0):
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
 
 
 class CountingRunner(ModelRunner):
@@ -26,9 +19,9 @@ class CountingRunner(ModelRunner):
         super().__init__(model, cache)
         self.steps = []
 
-    def run(self, seqs):
-        self.steps.append([(s.request_id, s.num_scheduled_tokens) for s in seqs])
-        return super().run(seqs)
+    def run(self, schedule):
+        self.steps.append([(it.seq.request_id, it.num_tokens) for it in schedule.items])
+        return super().run(schedule)
 
 
 def _counting(llm):
@@ -90,10 +83,10 @@ def test_prefix_cache_sees_only_computed_blocks(model64, reference):
     llm = LLM(model64, block_size=4, num_kv_blocks=64, max_model_len=96, max_num_batched_tokens=24,
               max_num_seqs=4, enable_chunked_prefill=True)
     sp = SamplingParams(max_tokens=5, **GREEDY)
-    first = llm._seqs[llm.add_request(prompt, sp)]
+    first = llm.engine.requests[llm.add_request(prompt, sp)]
     llm.step()                                         # tokens 0..23 of 40
     assert len(llm.block_manager.cached) == 24 // 4
-    second = llm._seqs[llm.add_request(prompt, sp)]
+    second = llm.engine.requests[llm.add_request(prompt, sp)]
     llm.step()                                         # first: 24..39; second admitted with 8 left
     assert len(llm.block_manager.cached) == 40 // 4
     assert second.num_cached_tokens == 36   # all full blocks but the last token's

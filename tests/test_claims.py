@@ -20,7 +20,8 @@ def test_nine_claims_with_verdicts_and_reasons(table):
                         9: False}
     for c in table.values():
         assert c.statement and len(c.reason) > 40 and c.assumptions
-        assert c.verdict == ("holds" if c.holds else "does not hold")
+        assert c.verdict == (c.cases or ("holds" if c.holds else "does not hold"))
+        assert c.source.startswith("kvlab issue 3") and len(c.source) > len("kvlab issue 3") + 20
     rows = as_rows()
     assert len(rows) == 9 and rows[4]["verdict"] == "does not hold"
 
@@ -75,3 +76,26 @@ def test_claim_9_roofline_ratio(table):
     assert table[9].computed == pytest.approx(4000 / h100.ridge, rel=0.03)
     assert not close(40, table[9].computed)
     assert claims.claim_9(first_context=100).computed < claims.claim_9("H200").computed
+
+
+def test_claims_7_and_9_are_judged_by_case(table):
+    assert table[7].cases.startswith("holds for full multi-head attention")
+    mha = claims.claim_7().reason
+    assert "llama-2-7b 1.00x" in mha and "llama-3.1-70b 8.00x" in mha
+    # claim 9: the short step is bandwidth-bound at batch 1 and 2, and reaches the FLOP ratio by batch 4
+    assert table[9].cases.startswith("holds from batch 3 on the H100 SXM")
+    assert "3: 40.6x" in table[9].reason and "4: 42.9x" in table[9].reason
+    assert "not at batch 1 (13.5x)" in table[9].cases
+
+
+def test_claim_6_on_eight_gpus(table):
+    # tensor parallel floors: 8x the bandwidth; fp8 weights halve the weight bytes
+    h100x8 = claims.tensor_parallel("H100 SXM", 8)
+    assert h100x8.bandwidth == 8 * GPUS["H100 SXM"].bandwidth
+    m = claims.MODELS["llama-2-70b"]
+    fp16 = claims.decode_floor(m, h100x8)
+    assert fp16 == pytest.approx(table[6].computed / 8, rel=1e-9)
+    assert round(fp16, 2) == 2.58
+    assert round(claims.decode_floor(m, h100x8, weight_dtype_bytes=1), 2) == 1.30
+    assert round(claims.decode_floor(m, claims.tensor_parallel("H200", 8), weight_dtype_bytes=1), 2) == 0.90
+    assert table[6].cases.endswith("8x H200 with fp8 weights")

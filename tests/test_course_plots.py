@@ -79,3 +79,44 @@ def test_a_figure_saved_after_its_style_block_keeps_the_course_resolution(tmp_pa
     from PIL import Image
     with Image.open(outside) as im:
         assert im.size[1] > 2 * 100   # 150 dpi, tight box: about 2 in tall at 150 px per inch
+
+
+def test_style_keeps_interactive_mode_switched_on_inside_it():
+    # A kernel's inline backend is resolved by the first figure, and turns interactive mode on:
+    # when that happens inside style(), the figures drawn after the block must still show.
+    was = matplotlib.is_interactive()
+    try:
+        matplotlib.interactive(False)
+        with plots.style():
+            matplotlib.interactive(True)        # what the inline backend does on activation
+        assert matplotlib.is_interactive()
+        assert matplotlib.rcParams["axes.spines.top"] == matplotlib.rcParamsDefault["axes.spines.top"]
+        with plots.style():
+            pass
+        assert matplotlib.is_interactive()      # a block that does not touch it leaves it alone
+    finally:
+        matplotlib.interactive(was)
+
+
+@pytest.mark.slow
+def test_every_figure_drawn_in_style_blocks_shows_in_a_kernel(tmp_path):
+    # The real thing: a Jupyter kernel with its default (inline) backend, three figures drawn in
+    # three style() blocks, the first one resolving the backend. Each must come back as an image.
+    import os
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    cells = ["import matplotlib.pyplot as plt\nfrom kvlab.plots import style"] + [
+        f"with style():\n    fig, ax = plt.subplots()\n    ax.plot([0, {i}])" for i in range(3)]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}  # the kernel's own default
+    from jupyter_client import KernelManager
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel(env=env, cwd=str(tmp_path))
+    try:
+        NotebookClient(nb, km=km, timeout=120).execute()
+    finally:
+        km.shutdown_kernel(now=True)
+    images = [sum("image/png" in o.get("data", {}) for o in c.outputs) for c in nb.cells[1:]]
+    assert images == [1, 1, 1]

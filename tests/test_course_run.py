@@ -50,3 +50,24 @@ def test_make_lab_refuses_root_unless_allowed():
     assert allowed.returncode == 0
     dry = subprocess.run(["make", "-n", "lab", "ALLOW_ROOT=1"], cwd=ROOT, capture_output=True, text=True)
     assert "--allow-root" in dry.stdout
+
+
+@pytest.mark.slow
+def test_nbval_fails_a_notebook_that_saves_a_figure_it_never_shows(tmp_path):
+    # kvlab.course.inline_figures (loaded by pyproject's addopts): the same notebook passes when
+    # its figure shows under the cell, and fails, naming the figure, when the cell closes it first.
+    import sys
+
+    draw = ("import matplotlib.pyplot as plt\nfrom kvlab.plots import savefig, style\n"
+            "with style():\n    fig, ax = plt.subplots()\n    ax.plot([0, 1])\n"
+            "savefig(fig, '99_demo')\n")
+    _notebook(tmp_path / "shown.ipynb", draw)
+    _notebook(tmp_path / "hidden.ipynb", draw + "plt.close(fig)\n")
+    env = {**os.environ, "MPLBACKEND": "Agg"}     # as `make test` sets it for the pytest process
+    runs = {name: subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "kvlab.course.inline_figures",
+         "--nbval-lax", "--nbval-current-env", f"{name}.ipynb"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300) for name in ("shown", "hidden")}
+    assert runs["shown"].returncode == 0, runs["shown"].stdout[-2000:]
+    assert runs["hidden"].returncode != 0
+    assert "1 figure file(s) saved (99_demo.png) but only 0 images shown" in runs["hidden"].stdout

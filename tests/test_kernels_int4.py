@@ -286,6 +286,7 @@ def test_engine_steps_equal_quantized_paged_cache(fmt):
             cache.set_metadata(m)
             outs.append(cache.attend(0, q, k, v))
             peak = max(peak, fused.residual.k_res[0].shape[0])
+            cache.end_step()                      # the sealed blocks' rows close
         assert rel_err(outs[1], outs[0].double()) < 1e-5, step
         partial = sum(e % bs != 0 for e in end)   # one row per sequence with a partial block
         assert fused.residual.rows_in_use == ref.num_residual_blocks == partial, step

@@ -56,6 +56,11 @@ def test_max_concurrent_sequences_by_hand():
     assert everything == int(80e9 // (4096 * 524_288))
     assert max_concurrent_sequences(MODELS["llama-2-70b"], 80e9, 4096) == 0  # 138 GB of weights
     assert weight_bytes(m) == 6.74e9 * 2
+    # vLLM's utilization share holds the activation peak too: it comes out of the cache's share
+    with_act = max_concurrent_sequences(m, 80e9, 4096, activation_bytes=2e9)
+    assert with_act == int((free - 2e9) // (4096 * 524_288)) < max_concurrent_sequences(m, 80e9, 4096)
+    with pytest.raises(ValueError, match="activation_bytes"):
+        max_concurrent_sequences(m, 80e9, 4096, activation_bytes=-1)
 
 
 def test_quantized_dtype_delegates_to_quant():

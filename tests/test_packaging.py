@@ -74,5 +74,5 @@ def test_makefile_installs_the_same_pins_as_environment_yml():
 def test_ci_runs_exactly_the_readme_test_command():
     ci = [line for line in (ROOT / ".ci/run").read_text().splitlines()
           if line.strip() and not line.startswith("#")]
-    assert ci[-1] == "make test"
-    assert "make test" in (ROOT / "README.md").read_text()
+    assert ci[-1] == "make test book-test"
+    assert "bash .ci/run`, which is exactly `make test book-test`" in (ROOT / "README.md").read_text()

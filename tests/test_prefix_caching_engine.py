@@ -9,10 +9,9 @@ where the model sees them: the width of every packed forward pass.
 
 import pytest
 import torch
+from _engine_helpers import GREEDY
 
 from kvlab import LLM, SamplingParams
-
-GREEDY = dict(temperature=0, ignore_eos=True)
 
 
 def _tokens(n, seed):
@@ -25,13 +24,13 @@ def _count_computed(llm):
     llm.computed = llm.prefilled = llm.decoded = 0
     prepare = llm.runner.prepare
 
-    def counting(seqs):
-        for s in seqs:
-            if s.num_computed_tokens == s.num_cached_tokens:    # an admission (decodes start later)
-                llm.prefilled += len(s) - s.num_computed_tokens
+    def counting(items):
+        for it in items:
+            if it.start == it.seq.num_cached_tokens:    # an admission (decodes start later)
+                llm.prefilled += it.num_tokens
             else:
-                llm.decoded += len(s) - s.num_computed_tokens
-        out = prepare(seqs)
+                llm.decoded += it.num_tokens
+        out = prepare(items)
         llm.computed += out[0].shape[1]
         return out
     llm.runner.prepare = counting

@@ -3,6 +3,8 @@ import copy
 
 import pytest
 import torch
+from _engine_helpers import GREEDY
+from _engine_helpers import random_prompts as _prompts
 
 from kvlab import LLM, SamplingParams
 from kvlab.cache.paged import AttentionMetadata
@@ -11,14 +13,6 @@ from kvlab.quant.paged import QuantizedPagedKVCache
 from kvlab.quant.sim import FakeQuantKVCache
 
 FORMATS = ["int8", "fp8", "int4", "int2"]
-GREEDY = dict(temperature=0, ignore_eos=True)
-
-
-def _prompts(lengths, seed=0, vocab=256):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
 @torch.no_grad()
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_decode_equals_fake_quant_twin(tiny_model, fmt):
@@ -62,13 +56,21 @@ def test_engine_finishes_every_request_and_frees_every_block(tiny_model, fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_same_budget_buys_more_blocks(tiny_model, fmt):
+    """Everything the cache holds comes out of the budget: blocks, and for int4/int2 the residual
+    rows (kvlab/engine/kv_budget.py), as many as a step of at most max_num_seqs sequences and
+    max_num_batched_tokens tokens can need."""
     budget = 1 << 20
-    auto = LLM(tiny_model, block_size=16, kv_cache_memory_bytes=budget, max_model_len=128)
-    quant = LLM(tiny_model, block_size=16, kv_cache_memory_bytes=budget, max_model_len=128,
-                kv_cache_dtype=fmt)
+    kw = dict(block_size=16, kv_cache_memory_bytes=budget, max_model_len=128, max_num_seqs=4,
+              max_num_batched_tokens=128)
+    auto = LLM(tiny_model, **kw)
+    quant = LLM(tiny_model, **kw, kv_cache_dtype=fmt)
     c = tiny_model.config
     assert quant.bytes_per_block == bytes_per_block(c, fmt, 16)
-    assert quant.num_kv_blocks == budget // bytes_per_block(c, fmt, 16)
+    assert auto.kv_cache_bytes_allocated <= budget and quant.kv_cache_bytes_allocated <= budget
+    rows = 128 // 16 + 2 * 4 if fmt in ("int4", "int2") else 0
+    row_bytes = 2 * c.num_layers * 16 * c.num_kv_heads * c.head_dim * 4
+    assert budget - quant.kv_cache_bytes_allocated < quant.bytes_per_block + 4    # no block left over
+    assert quant.kv_cache_bytes_allocated >= quant.num_kv_blocks * quant.bytes_per_block + rows * row_bytes
     assert quant.num_kv_blocks > 1.9 * auto.num_kv_blocks  # float32 model: "auto" is 4 bytes a number
 
 
@@ -243,7 +245,7 @@ def test_int4_residual_pool_shrinks_and_keeps_rows_in_place():
     assert res.rows_in_use == 1 and int(res.res_slot[50]) == -1
     assert res.k_res[0].shape[0] == 2                    # 1 of 4 in use: down to the initial 2
     assert int(res.res_slot[51]) == 0 and (res.k_res[0][0] == 51).all()
-    assert res.nbytes == 2 * 2 * BS * 8 * 4              # K and V, 2 rows of float32
+    assert res.nbytes == 2 * 2 * BS * 8 * 4 + 64 * 4     # K and V, 2 rows of float32; the row index
 
 
 @pytest.mark.parametrize("prefix_caching", [True, False])

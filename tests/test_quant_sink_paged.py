@@ -6,23 +6,18 @@ import copy
 
 import pytest
 import torch
+from _engine_helpers import GREEDY
+from _engine_helpers import random_prompts as _prompts
 
 from kvlab import LLM, SamplingParams
 from kvlab.cache.paged import AttentionMetadata
+from kvlab.engine.prefix_hash import ROOT
 from kvlab.quant import fp8
 from kvlab.quant.paged import QuantizedPagedKVCache
 from kvlab.quant.sim import FakeQuantKVCache
 from kvlab.quant.sink import sink_blocks
 
 FORMATS = ["int8", "fp8", "int4", "int2"]
-GREEDY = dict(temperature=0, ignore_eos=True)
-
-
-def _prompts(lengths, seed=0, vocab=256):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
 def _calibration(c, smooth):
     """fp8 with per-head scales and, if `smooth`, a random key shift per layer (stored minus it)."""
     g = torch.Generator().manual_seed(5)
@@ -103,9 +98,9 @@ def test_engine_rows_follow_blocks_and_nothing_leaks(tiny_model, fmt):
                 assert sinks.rows_in_use == 0
             else:
                 assert 0 < sinks.rows_in_use <= len(prompts)   # at most one cached first block each
-                firsts = [b.block_id for b in bm.blocks if b.block_hash is not None and b.parent is None]
+                firsts = [b.block_id for b in bm.blocks if b.block_hash is not None and b.parent == ROOT]
                 assert firsts and all(int(sinks.res_slot[b]) >= 0 for b in firsts)
-                assert bm.reset_prefix_cache() and sinks.rows_in_use == 0
+                assert llm.reset_prefix_cache() and sinks.rows_in_use == 0
             if fmt in ("int4", "int2"):
                 assert llm.cache.num_residual_blocks == 0
     if fmt in ("int8", "fp8"):
@@ -119,8 +114,11 @@ def test_abort_gives_the_row_back(tiny_model):
     rid = llm.add_request(_prompts([6])[0], SamplingParams(max_tokens=20, **GREEDY))
     llm.step()
     assert llm.cache.sinks.rows_in_use == 1
-    llm.abort_request(rid)
-    assert llm.cache.sinks.rows_in_use == 0 and llm.block_manager.num_free_blocks == 32
+    llm.abort_request(rid)             # the blocks are free at once; the cache hears of it when
+    assert llm.block_manager.num_free_blocks == 32 and llm.cache.sinks.rows_in_use == 1
+    out, = llm.step()                  # the next step starts (before any row of it opens)
+    assert out.outputs[0].finish_reason == "abort"
+    assert llm.cache.sinks.rows_in_use == 0
 
 
 def test_bad_keep_sink_token(tiny_model, tiny_config):

@@ -171,8 +171,8 @@ def test_engine_runs_on_the_radix_cache(tiny_model):
     g = torch.Generator().manual_seed(0)
     system = torch.randint(0, 256, (11,), generator=g).tolist()
     prompts = [system + torch.randint(0, 256, (2 + i % 4,), generator=g).tolist() for i in range(8)]
-    llm = LLM(model, block_size=1, num_kv_blocks=48, max_model_len=40)
-    llm.block_manager = llm.scheduler.block_manager = RadixCache(48)
+    llm = LLM(model, num_kv_blocks=48, max_model_len=40, prefix_cache="radix")
+    assert isinstance(llm.block_manager, RadixCache) and llm.block_size == 1
     hits = 0
     for batch in (prompts[:4], prompts[4:], prompts[:3]):
         outs = llm.generate(batch, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),

@@ -14,9 +14,9 @@ from kvlab.engine.sequence import Sequence, SequenceStatus
 
 
 def _fake_step(seqs):
-    """What the model runner and sampler do to a sequence, without a model."""
+    """What the sampler does to a sequence, without a model (the scheduler advanced progress)."""
     for s in seqs:
-        s.num_computed_tokens = len(s)
+        assert s.num_computed_tokens == len(s)
         s.append_token(0)
 
 
@@ -26,10 +26,11 @@ def test_budgets_limit_admission():
     seqs = [Sequence([1] * 10) for _ in range(5)]
     for s in seqs:
         sched.add(s)
-    assert sched.schedule() == seqs[:2]                       # 10 + 10 <= 25 < 30 tokens
+    assert sched.schedule().seqs == seqs[:2]                       # 10 + 10 <= 25 < 30 tokens
     _fake_step(seqs[:2])
     step = sched.schedule()                                   # 2 decodes + 1 prefill (max_num_seqs=3)
-    assert step == seqs[:3] and [len(s) - s.num_computed_tokens for s in step] == [1, 1, 10]
+    assert step.seqs == seqs[:3] and [it.num_tokens for it in step.items] == [1, 1, 10]
+    assert all(s.num_computed_tokens == len(s) for s in step.seqs)   # planning advanced them
     assert all(s.status is SequenceStatus.WAITING for s in seqs[3:])
 
 
@@ -39,15 +40,15 @@ def test_preemption_evicts_the_most_recent_and_requeues_it_in_front():
     a, b, c = Sequence([1] * 8), Sequence([2] * 8), Sequence([3] * 8)
     for s in (a, b, c):
         sched.add(s)
-    assert sched.schedule() == [a, b, c] and bm.num_free_blocks == 0
+    assert sched.schedule().seqs == [a, b, c] and bm.num_free_blocks == 0
     _fake_step([a, b, c])                                     # each now needs a 3rd block
-    assert sched.schedule() == [a, b]                         # c (the newest) was evicted
+    assert sched.schedule().seqs == [a, b]                         # c (the newest) was evicted
     assert list(sched.waiting) == [c] and sched.num_preemptions == 1
     assert c.block_table == [] and c.num_computed_tokens == 0 and len(c) == 9
     assert c.status is SequenceStatus.WAITING
     _fake_step([a, b])
     sched.add(Sequence([4] * 2))
-    assert sched.schedule() == [a, b] and [len(s) for s in sched.waiting] == [9, 2]  # c stays in front
+    assert sched.schedule().seqs == [a, b] and [len(s) for s in sched.waiting] == [9, 2]  # c stays in front
 
 
 def test_the_last_running_sequence_preempts_itself_when_alone():
@@ -59,7 +60,7 @@ def test_the_last_running_sequence_preempts_itself_when_alone():
     _fake_step([a])
     # alone and out of blocks (a pool too small for it): it gives its blocks back, and is
     # re-admitted in the same step when it fits again (here it does not: 9 tokens, 2 blocks of 4)
-    assert sched.schedule() == [] and list(sched.waiting) == [a] and bm.num_free_blocks == 2
+    assert sched.schedule().seqs == [] and list(sched.waiting) == [a] and bm.num_free_blocks == 2
     assert a.status is SequenceStatus.WAITING and sched.num_preemptions == 1
 
 
@@ -100,12 +101,10 @@ def _check_invariants(llm):
     assert all(not s.block_table for s in sched.waiting)
     assert sum(b.ref_count for b in bm.blocks) == sum(len(s.block_table) for s in sched.running)
     assert bm.num_free_blocks == sum(b.ref_count == 0 for b in bm.blocks)
-    for s in sched.running:      # the newest token's K/V is written by the next step
-        decoding = -(-(len(s) - 1) // llm.block_size)
-        if sched.enable_chunked_prefill:   # a prompt in progress holds all of its blocks
-            assert decoding <= len(s.block_table) <= -(-len(s) // llm.block_size)
-        else:
-            assert len(s.block_table) == decoding
+    for s in sched.running:      # blocks for the computed tokens only (a prompt: chunk by chunk)
+        assert len(s.block_table) == -(-s.num_computed_tokens // llm.block_size)
+        if not sched.enable_chunked_prefill:   # the newest token's K/V is written by the next step
+            assert s.num_computed_tokens == len(s) - 1
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -116,7 +115,7 @@ def test_random_workloads_end_clean_and_match_the_reference(model64, reference, 
               max_num_batched_tokens=w["chunk"] or MAX_MODEL_LEN, enable_prefix_caching=w["prefix"],
               enable_chunked_prefill=w["chunk"] is not None)
     batched, run = [], llm.runner.run        # tokens per forward: never above the budget
-    llm.runner.run = lambda seqs: (batched.append(sum(s.num_scheduled_tokens for s in seqs)), run(seqs))[1]
+    llm.runner.run = lambda schedule: (batched.append(schedule.num_tokens), run(schedule))[1]
     reqs, ids, tokens, finish = w["reqs"], {}, {}, {}
     step = 0
     while step <= 6 or llm.has_unfinished_requests():

@@ -6,7 +6,8 @@
 
 `paged_torch` is the PyTorch reference (gather by block table, then ordinary attention);
 `paged_triton` wraps the Triton kernels of kvlab/kernels/. `backend_module(name)` imports the one
-asked for, lazily, so a machine without Triton can still use the torch backend.
+asked for, lazily, so a machine without Triton can still use the torch backend; an object with
+the three functions (a student's backend) is used as it is.
 """
 from __future__ import annotations
 
@@ -15,8 +16,17 @@ import importlib
 BACKENDS = ("torch", "triton")
 
 
-def backend_module(name: str):
-    """The module implementing attention backend `name` ("torch" or "triton")."""
+def backend_module(name):
+    """The module implementing attention backend `name` ("torch" or "triton"); an object with the
+    three functions above (kvlab/engine/protocols.py, `AttentionBackend`) is returned as it is."""
+    if not isinstance(name, str):
+        missing = [f for f in ("reshape_and_cache", "paged_decode_attention", "paged_prefill_attention")
+                   if not callable(getattr(name, f, None))]
+        if missing:
+            raise ValueError(f"attention_backend must be one of {BACKENDS} or an object with "
+                             f"reshape_and_cache, paged_decode_attention and paged_prefill_attention; "
+                             f"{type(name).__name__} lacks {', '.join(missing)}")
+        return name
     if name not in BACKENDS:
         raise ValueError(f"attention_backend must be one of {BACKENDS}, got {name!r}")
     if name == "triton":

@@ -74,9 +74,23 @@ class PagedKVCache:
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
 
-    def set_metadata(self, metadata: AttentionMetadata) -> None:
-        """Called by the engine before each forward pass."""
+    def begin_step(self, metadata: AttentionMetadata | None, freed_blocks=()) -> None:
+        """Called by the engine's runner before each forward pass (nothing is kept per block here,
+        so the freed blocks need nothing)."""
         self.metadata = metadata
+
+    def end_step(self) -> None:
+        """Called after each forward pass, also when it raised."""
+        self.metadata = None
+
+    def set_metadata(self, metadata: AttentionMetadata) -> None:
+        """begin_step(metadata) without freed blocks (tests and chapters driving the cache by hand)."""
+        self.begin_step(metadata)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor this cache holds."""
+        return sum(t.numel() * t.element_size() for t in (*self.k_cache, *self.v_cache))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [1, N, Hq, D], k and v [1, N, Hkv, D] (packed batch) -> [1, N, Hq, D]."""

@@ -22,18 +22,26 @@ start with the same tokens share the blocks of that prefix:
   + 1) and only the rest is prefilled; `seq.num_cached_tokens` says how many tokens were found. It
   stays below len(seq): the last prompt token is always computed, so the first output has logits;
 - a hit is *confirmed* against what the block stores: its token ids, its extra keys, and the
-  exact block (id and generation) it was computed on top of. A hash collision therefore shows up
-  as a miss; it can never hand back another prompt's keys and values;
+  hash of the block it was computed on top of (which, chained, names the whole prefix). A hash
+  collision therefore shows up as a miss; it can never hand back another prompt's keys and values.
+  A child names its parent by hash, not by block id: when a de-duplicated parent is evicted and
+  the same prefix is computed again into another block, the child is found under it again;
 - when a block's count drops to zero it keeps its contents and its hash and joins the *tail* of
   the free queue (a sequence's blocks in reverse order, so its last block is reused first). New
   blocks come from the *head*, and taking a cached block from there evicts its hash: the free
   queue is an LRU list of evictable cached blocks. A block with nothing worth keeping (no hash)
   goes to the head instead. A hit on a free cached block pulls it out of the queue in O(1).
 
-The engine drives it in this order: `can_allocate` / `allocate` when a waiting sequence is admitted
-(its whole prompt is prefilled from `num_cached_tokens` on in that step); `can_append` /
-`may_append` before each decode step, after the sampled token was appended to `seq.token_ids`;
-`deallocate` when a sequence finishes, is aborted or is preempted.
+The scheduler (its only owner in the engine) drives it through the `BlockAllocator` protocol of
+kvlab/engine/protocols.py: `lookup` / `can_allocate` / `allocate(seq, num_tokens)` when a waiting
+sequence is admitted (blocks for its first `num_tokens` tokens: the whole prompt, or the first
+chunk); `can_append` / `may_append(seq, num_tokens)` to grow a table (a decode's newest token, the
+next chunk); `register_computed(seq, n)` for the tokens the planned step computes (their full
+blocks become findable; called again with a smaller n if that step's forward fails, which takes
+them back); `deallocate` when a sequence finishes, is aborted or is preempted. Blocks whose
+contents are dropped (freed without a hash, or evicted) are *recorded*, not announced:
+`take_events()` hands them over, once, and the engine passes them to the KV cache at the start of
+the next step, before any row of that step opens.
 """
 from __future__ import annotations
 
@@ -46,13 +54,13 @@ from kvlab.engine.prefix_hash import ROOT, extra_keys_for, hash_block
 @dataclass
 class Block:
     """One physical block. `generation` counts how often its contents were replaced; (block_id,
-    generation) names one particular content and is how a child block records its parent."""
+    generation) names one particular content (`ref`)."""
     block_id: int
     ref_count: int = 0
     generation: int = 0
     block_hash: bytes | None = None      # set while registered in the prefix cache
     token_ids: tuple = ()                # the tokens whose K/V it holds (when registered)
-    parent: tuple | None = None          # (block_id, generation) of the block before it
+    parent: bytes | None = None          # hash of the block before it (ROOT for a first block)
     extra_keys: tuple = ()               # cache_salt, for a sequence's first block
 
     @property
@@ -96,18 +104,20 @@ class BlockManager:
     """Allocate, grow, share and free the block tables of sequences over a fixed pool of blocks.
 
     A sequence needs `seq_id`, `token_ids`, `block_table`, `num_cached_tokens`, `cache_salt` and
-    `__len__`; `kvlab.engine.sequence.Sequence` has them. Counters, in tokens, named like vLLM's:
-    `prefix_cache_queries` (prompt tokens looked up) and `prefix_cache_hits` (tokens found);
-    `num_evicted_blocks` counts cached blocks whose contents were dropped for new ones.
+    `__len__`; `kvlab.engine.sequence.Sequence` has them. Counters, in tokens, named like vLLM's,
+    kept here and nowhere else: `prefix_cache_queries` (prompt tokens looked up at admission, also
+    with caching off) and `prefix_cache_hits` (tokens found); `num_evicted_blocks` counts cached
+    blocks whose contents were dropped for new ones.
 
-    `on_discard(block_id)`, if given, is called when a block's contents are dropped: freed with
-    no prefix-cache hash (nobody can find them again), or evicted from the prefix cache. A cache
-    that keeps per-block state outside its pool (int4's full-precision residual rows,
-    kvlab/quant/residual.py; sink rows, kvlab/quant/sink.py) lets it go there.
+    `take_events()` returns (and forgets) the ids of blocks whose contents were dropped since the
+    last call: freed with no prefix-cache hash (nobody can find them again), or evicted. A cache
+    that keeps per-block state outside its pool (int4's residual rows, sink rows) lets it go then.
     """
 
+    supports_chunked_prefill = True
+
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 on_discard=None):
+                 max_cached_first_blocks: int | None = None):
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         if block_size <= 0 or block_size & (block_size - 1):
@@ -115,11 +125,15 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.on_discard = on_discard
+        self._events: list[int] = []                          # dropped since take_events()
+        # a cache that keeps a sink row per first block (keep_sink_token) bounds the free cached
+        # first blocks: beyond the cap the oldest is evicted (kvlab/engine/kv_budget.py)
+        self.max_cached_first_blocks = max_cached_first_blocks
+        self._free_first: OrderedDict[int, None] = OrderedDict()
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue = FreeBlockQueue(range(num_blocks))
         self.cached: dict[bytes, int] = {}                    # block hash -> block id
-        self._chains: dict[int, list[tuple[bytes, tuple]]] = {}  # seq_id -> (hash, ref) per hashed block
+        self._chains: dict[int, list[bytes]] = {}            # seq_id -> hash of each hashed block
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
         self.num_evicted_blocks = 0                           # cached blocks reused for new contents
@@ -140,17 +154,23 @@ class BlockManager:
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def can_allocate(self, seq) -> bool:
-        """Are there enough free blocks for all of seq's current tokens? Cached blocks another
-        sequence is using cost nothing; cached blocks sitting in the free queue still do."""
+    def lookup(self, seq) -> int:
+        """Tokens of seq the prefix cache holds (whole blocks, never the last token). Pure."""
+        return len(self._cached_prefix(seq)) * self.block_size
+
+    def can_allocate(self, seq, num_tokens: int | None = None) -> bool:
+        """Are there enough free blocks for seq's first `num_tokens` tokens (default all)? Cached
+        blocks another sequence is using cost nothing; cached blocks in the free queue still do."""
+        n = len(seq) if num_tokens is None else num_tokens
         hits = self._cached_prefix(seq)
-        need = self.num_blocks_for(len(seq)) - sum(b.ref_count > 0 for b in hits)
+        need = max(self.num_blocks_for(n), len(hits)) - sum(b.ref_count > 0 for b in hits)
         return need <= len(self.free_queue)
 
-    def can_append(self, seq) -> bool:
-        """Is there room for seq's newest token? It needs a fresh block only when the tokens no
-        longer fit in the blocks seq already holds (the newest token opened a new block)."""
-        return self.num_blocks_for(len(seq)) - len(seq.block_table) <= len(self.free_queue)
+    def can_append(self, seq, num_tokens: int | None = None) -> bool:
+        """Is there room for seq's first `num_tokens` tokens (default all: its newest token)? It
+        needs fresh blocks only for the tokens that no longer fit in the blocks it holds."""
+        n = len(seq) if num_tokens is None else num_tokens
+        return self.num_blocks_for(n) - len(seq.block_table) <= len(self.free_queue)
 
     # ---- the prefix cache ------------------------------------------------------------------
     def _block_key(self, seq, i: int, parent_hash: bytes):
@@ -164,43 +184,36 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hits: list[Block] = []
-        parent_hash, parent_ref = ROOT, None
+        parent_hash = ROOT
         for i in range((len(seq) - 1) // self.block_size):
             h, tokens, extra = self._block_key(seq, i, parent_hash)
             block_id = self.cached.get(h)
             if block_id is None:
                 break
             b = self.blocks[block_id]
-            if (b.token_ids, b.extra_keys, b.parent) != (tokens, extra, parent_ref):
-                break                                  # a hash collision or a stale child: a miss
+            if (b.token_ids, b.extra_keys, b.parent) != (tokens, extra, parent_hash):
+                break                                  # a hash collision: a miss
             hits.append(b)
-            parent_hash, parent_ref = h, b.ref
+            parent_hash = h
         return hits
 
-    def _register(self, block: Block, h: bytes, tokens: tuple, parent_ref, extra) -> tuple:
-        """Enter a freshly computed full block into the cache; return the ref its child should
-        record as parent. If the same content is already cached under h (this sequence computed a
-        copy), the cached copy stays the canonical one and children hang under it."""
-        other_id = self.cached.get(h)
-        if other_id is None:
+    def _register(self, block: Block, h: bytes, tokens: tuple, parent_hash: bytes, extra) -> None:
+        """Enter a freshly computed full block into the cache. If the same content is already
+        cached under h (this sequence computed a copy), the cached copy stays the canonical one;
+        a different content under h (a collision) leaves this block uncached."""
+        if h not in self.cached and block.block_hash is None:
             block.block_hash, block.token_ids = h, tokens
-            block.parent, block.extra_keys = parent_ref, extra
+            block.parent, block.extra_keys = parent_hash, extra
             self.cached[h] = block.block_id
-            return block.ref
-        other = self.blocks[other_id]
-        if (other.token_ids, other.extra_keys, other.parent) == (tokens, extra, parent_ref):
-            return other.ref
-        return block.ref                               # a collision: this block stays uncached
 
     def _register_full_blocks(self, seq, num_computed: int) -> None:
         """Hash every block of seq whose tokens are all computed and that has no hash yet."""
         chain = self._chains.setdefault(seq.seq_id, [])
-        while len(chain) < num_computed // self.block_size:
+        while len(chain) < min(num_computed // self.block_size, len(seq.block_table)):
             i = len(chain)
-            parent_hash, parent_ref = chain[-1] if chain else (ROOT, None)
-            h, tokens, extra = self._block_key(seq, i, parent_hash)
-            chain.append((h, self._register(self.blocks[seq.block_table[i]], h, tokens,
-                                            parent_ref, extra)))
+            h, tokens, extra = self._block_key(seq, i, chain[-1] if chain else ROOT)
+            self._register(self.blocks[seq.block_table[i]], h, tokens, chain[-1] if chain else ROOT, extra)
+            chain.append(h)
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block. Only while no sequence holds blocks; returns success."""
@@ -217,10 +230,15 @@ class BlockManager:
     def _evict(self, b: Block) -> None:
         assert self.cached.get(b.block_hash) == b.block_id, "hash map out of sync"
         del self.cached[b.block_hash]
+        self._free_first.pop(b.block_id, None)
         self.num_evicted_blocks += 1
         b.block_hash, b.token_ids, b.parent, b.extra_keys = None, (), None, ()
-        if self.on_discard is not None:
-            self.on_discard(b.block_id)
+        self._events.append(b.block_id)
+
+    def take_events(self) -> list[int]:
+        """Ids of the blocks whose contents were dropped since the last call (each once)."""
+        events, self._events = self._events, []
+        return events
 
     def _take_free_block(self) -> int:
         """A block for new contents, from the head of the free queue (evicting its hash)."""
@@ -235,6 +253,7 @@ class BlockManager:
     def _take_cached_block(self, b: Block) -> None:
         if b.ref_count == 0:
             self.free_queue.remove(b.block_id)
+            self._free_first.pop(b.block_id, None)
         b.ref_count += 1
 
     def _release(self, block_id: int) -> None:
@@ -245,59 +264,85 @@ class BlockManager:
         if b.ref_count == 0:
             if b.block_hash is not None:
                 self.free_queue.append(block_id)       # keep the contents, evict it last
+                if b.parent == ROOT and self.max_cached_first_blocks is not None:
+                    self._free_first[block_id] = None
+                    if len(self._free_first) > self.max_cached_first_blocks:
+                        oldest = self.blocks[next(iter(self._free_first))]
+                        self._evict(oldest)            # its sink row goes back with its hash
+                        self.free_queue.remove(oldest.block_id)
+                        self.free_queue.appendleft(oldest.block_id)
             else:
                 self.free_queue.appendleft(block_id)   # nothing to keep: reuse it first
-                if self.on_discard is not None:
-                    self.on_discard(block_id)
+                self._events.append(block_id)
 
-    def allocate(self, seq, num_computed: int | None = None) -> None:
-        """Give seq a block table covering all of its current tokens, reusing its longest cached
-        prefix, and register its full blocks up to `num_computed` tokens (default all: the coming
-        prefill computes them; a chunked prefill computes fewer, see `register_computed`)."""
+    def allocate(self, seq, num_tokens: int | None = None, num_computed: int | None = None) -> None:
+        """Give seq a block table covering its first `num_tokens` tokens (default all), reusing
+        its longest cached prefix (`seq.num_cached_tokens` says how much was found).
+
+        In the engine (`num_tokens` given) nothing is registered here: the scheduler calls
+        `register_computed` once the step has computed the tokens. Called alone, as the chapters
+        do, `allocate(seq)` assumes the coming prefill computes every token and registers its full
+        blocks at once; `num_computed` overrides how many tokens count as computed."""
         if seq.block_table:
             raise ValueError(f"sequence already holds {len(seq.block_table)} blocks; "
                              "deallocate it before allocating again")
         if len(seq) == 0:
             raise ValueError("cannot allocate blocks for an empty sequence")
+        n = len(seq) if num_tokens is None else num_tokens
+        if num_computed is None:
+            num_computed = len(seq) if num_tokens is None else 0
         hits = self._cached_prefix(seq)
-        num_new = self.num_blocks_for(len(seq)) - len(hits)
+        if not 0 < n <= len(seq) or n < len(hits) * self.block_size:
+            raise ValueError(f"num_tokens must be in [{len(hits) * self.block_size or 1}, {len(seq)}] "
+                             f"(the cached prefix .. the sequence), got {n}")
+        num_new = self.num_blocks_for(n) - len(hits)
         if num_new + sum(b.ref_count == 0 for b in hits) > len(self.free_queue):
-            raise RuntimeError(f"sequence needs {self.num_blocks_for(len(seq))} blocks but only "
+            raise RuntimeError(f"sequence needs {self.num_blocks_for(n)} blocks but only "
                                f"{len(self.free_queue)} are free (call can_allocate first)")
         for b in hits:              # take hits first, so the evictions below cannot touch them
             self._take_cached_block(b)
         seq.block_table.extend(b.block_id for b in hits)
         seq.block_table.extend(self._take_free_block() for _ in range(num_new))
         seq.num_cached_tokens = len(hits) * self.block_size
+        self.prefix_cache_queries += len(seq)
+        self.prefix_cache_hits += seq.num_cached_tokens
         if self.enable_prefix_caching:
-            parent = ROOT
             chain = self._chains[seq.seq_id] = []
-            for i, b in enumerate(hits):
-                parent, _, _ = self._block_key(seq, i, parent)
-                chain.append((parent, b.ref))
-            self._register_full_blocks(seq, len(seq) if num_computed is None else num_computed)
-            self.prefix_cache_queries += len(seq)
-            self.prefix_cache_hits += seq.num_cached_tokens
+            for b in hits:
+                chain.append(b.block_hash)
+            self._register_full_blocks(seq, num_computed)
 
     def register_computed(self, seq, num_computed: int) -> None:
-        """Chunked prefill: the coming step computes seq's tokens up to `num_computed`; its blocks
-        that are then full become findable in the prefix cache (never before their K/V exist)."""
-        if self.enable_prefix_caching:
-            self._register_full_blocks(seq, min(num_computed, len(seq)))
+        """The coming step computes seq's tokens up to `num_computed`: its blocks that are then
+        full become findable in the prefix cache (sequences admitted in the same step read K/V
+        the same forward writes first). A smaller `num_computed` than before takes back what this
+        sequence registered past it: the step's forward failed, those K/V do not exist."""
+        if not self.enable_prefix_caching:
+            return
+        chain = self._chains.get(seq.seq_id, [])
+        keep = num_computed // self.block_size
+        while len(chain) > keep:
+            h = chain.pop()
+            b = self.blocks[seq.block_table[len(chain)]]
+            if self.cached.get(h) == b.block_id:
+                self._evict(b)
+                b.generation += 1
+        self._register_full_blocks(seq, min(num_computed, len(seq)))
 
-    def may_append(self, seq) -> None:
-        """After a token was appended to seq: add a block if the new token opened one. The block
-        before it is then full and all its tokens computed, so it is hashed and cached now (the
-        newest token's K/V are only computed by the coming step)."""
-        need = self.num_blocks_for(len(seq)) - len(seq.block_table)
-        if need < 0:
+    def may_append(self, seq, num_tokens: int | None = None) -> None:
+        """Grow seq's table to hold its first `num_tokens` tokens (a decode's newest token, or the
+        next chunk of a prompt). Called alone with the default (all tokens, after a sampled token
+        was appended), the blocks before the newest token are computed and get registered."""
+        n = len(seq) if num_tokens is None else num_tokens
+        need = self.num_blocks_for(n) - len(seq.block_table)
+        if need < 0 and num_tokens is None:
             raise RuntimeError(f"sequence of {len(seq)} tokens holds {len(seq.block_table)} "
                                "blocks: tokens were removed without deallocating")
         if need > len(self.free_queue):
             raise RuntimeError("no free block for the new token (call can_append first)")
         for _ in range(need):
             seq.block_table.append(self._take_free_block())
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and num_tokens is None:
             self._register_full_blocks(seq, len(seq) - 1)
 
     def deallocate(self, seq) -> None:

@@ -6,31 +6,35 @@
 
 Lower level, streaming: `rid = llm.add_request(prompt, params)`, then `llm.step()` until
 `llm.has_unfinished_requests()` is false; each step returns a RequestOutput for every request that
-produced a token (`new_token_ids`). `llm.abort_request(rid)` frees a request's blocks at once.
+produced a token (`new_token_ids`) or was aborted since the last step (finish reason "abort").
+`llm.abort_request(rid)` frees a request's blocks at once.
 
-One step = scheduler.schedule() (which sequences, which new tokens) -> model_runner.run() (one
-packed forward over the paged cache) -> sample -> append, check stop conditions, free the blocks
-of finished sequences. Every bad request is rejected at `add_request` with a ValueError naming
-the limit; nothing about the running requests changes.
+This module is the API only: requests in, RequestOutputs out. The step itself (schedule, run,
+sample, stop, finish) is kvlab/engine/core.py; how the KV memory is split, kv_budget.py; the
+seams (scheduling policy, prefix cache, KV format, attention backend), protocols.py. Every bad
+request is rejected at `add_request` with a ValueError naming the limit; nothing about the
+running requests changes.
 """
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 
 from kvlab.cache.paged import PagedKVCache
 from kvlab.engine.block_manager import BlockManager
-from kvlab.engine.metrics import EngineMetrics, render_prometheus
+from kvlab.engine.core import EngineCore
+from kvlab.engine.kv_budget import DEFAULT_KV_CACHE_BYTES, kv_costs, plan_kv_pool
+from kvlab.engine.metrics import render_prometheus
 from kvlab.engine.model_runner import ModelRunner
 from kvlab.engine.outputs import CompletionOutput, RequestOutput
-from kvlab.engine.sampling import SamplingParams, sample
+from kvlab.engine.protocols import BLOCK_ALLOCATOR_METHODS, check_protocol
+from kvlab.engine.sampling import SamplingParams
 from kvlab.engine.scheduler import Scheduler
 from kvlab.engine.sequence import Sequence
 from kvlab.quant.common import DEFAULT_BLOCK_SIZE, check_kv_cache_dtype
 
-DEFAULT_KV_CACHE_BYTES = 512 * 2**20   # when neither num_kv_blocks nor kv_cache_memory_bytes is given
+PREFIX_CACHES = ("hash", "radix", "none")
 
 
 def _resolve_model(model, dtype, device):
@@ -49,16 +53,53 @@ def _resolve_model(model, dtype, device):
 
 
 class LLM:
+    """kvlab.LLM(model=None, ...): see docs/architecture.md for every argument.
+
+    The seams take a name or an object (kvlab/engine/protocols.py):
+    `scheduling_policy` ("fcfs", "shortest_prompt_first" or a callable), `prefix_cache` ("hash":
+    block-hash automatic prefix caching, "radix": SGLang-style radix tree at block_size 1, "none",
+    or a BlockAllocator object), `kv_cache_dtype` ("auto", "int8", "fp8", "int4", "int2" or a
+    KVFormat codec), `attention_backend` ("torch", "triton" or an object with the three paged
+    attention functions).
+    """
+
     def __init__(self, model=None, block_size: int | None = None, num_kv_blocks: int | None = None,
                  kv_cache_memory_bytes: int | None = None, max_model_len: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
-                 attention_backend: str = "torch", kv_cache_dtype: str = "auto",
+                 attention_backend="torch", kv_cache_dtype="auto",
                  enable_prefix_caching: bool = True, dtype: torch.dtype = torch.float32,
                  device="cpu", scheduling_policy=None, fp8_calibration=None,
-                 enable_chunked_prefill: bool = False, keep_sink_token: bool = False):
-        check_kv_cache_dtype(kv_cache_dtype)
+                 enable_chunked_prefill: bool = False, keep_sink_token: bool = False,
+                 prefix_cache=None):
+        codec = None if isinstance(kv_cache_dtype, str) else kv_cache_dtype
+        if codec is None:
+            check_kv_cache_dtype(kv_cache_dtype)
+        fmt = "codec" if codec is not None else kv_cache_dtype
+        allocator = None if prefix_cache is None or isinstance(prefix_cache, str) else prefix_cache
+        if prefix_cache is None:
+            prefix_cache = "hash" if enable_prefix_caching else "none"
+        if allocator is not None:
+            check_protocol(allocator, BLOCK_ALLOCATOR_METHODS, "block allocator", "prefix_cache")
+            if block_size is not None and block_size != allocator.block_size:
+                raise ValueError(f"block_size={block_size} but prefix_cache.block_size={allocator.block_size}")
+            if num_kv_blocks is not None and num_kv_blocks != allocator.num_blocks:
+                raise ValueError(f"num_kv_blocks={num_kv_blocks} but prefix_cache.num_blocks="
+                                 f"{allocator.num_blocks}")
+            block_size, num_kv_blocks = allocator.block_size, allocator.num_blocks
+        elif prefix_cache not in PREFIX_CACHES:
+            raise ValueError(f"prefix_cache must be one of {PREFIX_CACHES} or a block allocator "
+                             f"object, got {prefix_cache!r}")
+        elif prefix_cache == "radix":
+            if block_size not in (None, 1):
+                raise ValueError(f"prefix_cache='radix' shares single tokens: block_size must be 1, got {block_size}")
+            if fmt in ("int4", "int2") or keep_sink_token:
+                raise ValueError("prefix_cache='radix' keeps no per-block rows: use kv_cache_dtype "
+                                 "'auto', 'int8' or 'fp8' without keep_sink_token")
+            if enable_chunked_prefill:
+                raise ValueError("prefix_cache='radix' does not do chunked prefill")
+            block_size = 1
         if block_size is None:
-            block_size = DEFAULT_BLOCK_SIZE[kv_cache_dtype]
+            block_size = DEFAULT_BLOCK_SIZE.get(fmt, 16)
         if not isinstance(block_size, int) or block_size <= 0 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two (1, 2, 4, ..., 128), got {block_size}")
         # a model passed in keeps its own dtype and device; dtype and device apply when loading
@@ -74,70 +115,142 @@ class LLM:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
                              f"max_model_len ({self.max_model_len}): a whole prompt is prefilled in one step "
                              "(or pass enable_chunked_prefill=True)")
+        if max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs must be positive, got {max_num_seqs}")
         self.block_size, self.kv_cache_dtype = block_size, kv_cache_dtype
-        self.eos_token_id = cfg.eos_token_id if cfg.eos_token_id is not None else \
+        eos = cfg.eos_token_id if cfg.eos_token_id is not None else \
             getattr(self.tokenizer, "eos_token_id", None)
-
-        if kv_cache_dtype == "auto":
-            cache_cls, extra = PagedKVCache, {}
-        else:
-            from kvlab.quant.paged import QuantizedPagedKVCache
-            cache_cls, extra = QuantizedPagedKVCache, {"kv_cache_dtype": kv_cache_dtype}
-        if fp8_calibration is not None and kv_cache_dtype != "fp8":
+        if fp8_calibration is not None and fmt != "fp8":
             raise ValueError(f"fp8_calibration is only for kv_cache_dtype='fp8', not {kv_cache_dtype!r}")
+        if keep_sink_token and fmt in ("auto", "codec"):
+            raise ValueError("keep_sink_token keeps a quantized cache's first token in full "
+                             "precision: it needs kv_cache_dtype int8, fp8, int4 or int2")
+
+        # ---- the KV memory: blocks and rows, all inside one budget, allocated once -------------
         shape = dict(num_layers=cfg.num_layers, block_size=block_size,
                      num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
-        self.bytes_per_block = cache_cls.bytes_per_block(**shape, dtype=self.model.dtype, **extra)
-        if num_kv_blocks is None:
-            budget = kv_cache_memory_bytes
-            if budget is None:
-                full = -(-max_num_seqs * self.max_model_len // block_size) * self.bytes_per_block
-                budget = min(full, DEFAULT_KV_CACHE_BYTES)
-            num_kv_blocks = int(budget // self.bytes_per_block)
-            if num_kv_blocks <= 0:
-                raise ValueError(f"kv_cache_memory_bytes={budget} is less than one block "
-                                 f"({self.bytes_per_block} bytes at block_size={block_size})")
-        if num_kv_blocks <= 0:
-            raise ValueError(f"num_kv_blocks must be positive, got {num_kv_blocks}")
-        self.num_kv_blocks = num_kv_blocks
+        costs = kv_costs(fmt, codec, shape, self.model.dtype, max_num_seqs,
+                         self.max_num_batched_tokens, keep_sink_token)
+        self.bytes_per_block = costs.bytes_per_block
+        budget = kv_cache_memory_bytes
+        if num_kv_blocks is None and budget is None:
+            full = costs.plan(-(-max_num_seqs * self.max_model_len // block_size)).total_bytes
+            budget = min(full, DEFAULT_KV_CACHE_BYTES)
+        plan = plan_kv_pool(costs, budget, num_kv_blocks)
+        self.num_kv_blocks = plan.num_blocks
+        self.kv_cache_memory_bytes = plan.total_bytes if budget is None else budget
+        self.cache = self._build_cache(fmt, codec, shape, plan, attention_backend, fp8_calibration,
+                                       keep_sink_token)
+        if allocator is None:
+            if prefix_cache == "radix":
+                from kvlab.engine.radix_cache import RadixCache
+                allocator = RadixCache(plan.num_blocks)
+            else:
+                allocator = BlockManager(plan.num_blocks, block_size, prefix_cache == "hash",
+                                         max_cached_first_blocks=max_num_seqs if keep_sink_token else None)
+        self.prefix_cache = prefix_cache if isinstance(prefix_cache, str) else "custom"
+        scheduler = Scheduler(allocator, max_num_seqs, self.max_num_batched_tokens,
+                              scheduling_policy, enable_chunked_prefill)
+        self.engine = EngineCore(scheduler, ModelRunner(self.model, self.cache), self.max_model_len,
+                                 eos, self.tokenizer, self.model.device)
+
+    def _build_cache(self, fmt, codec, shape, plan, attention_backend, fp8_calibration, keep_sink_token):
+        kw = dict(num_blocks=plan.num_blocks, **shape, dtype=self.model.dtype, device=self.model.device,
+                  attention_backend=attention_backend)
+        if fmt == "auto":
+            return PagedKVCache(**kw)
+        if fmt == "codec":
+            from kvlab.cache.codec import CodecPagedKVCache
+            return CodecPagedKVCache(codec, **kw)
+        from kvlab.quant.paged import QuantizedPagedKVCache
+        extra = {}
         if fp8_calibration is not None:
             extra["fp8_calibration"] = fp8_calibration
         if keep_sink_token:
-            if kv_cache_dtype == "auto":
-                raise ValueError("keep_sink_token keeps a quantized cache's first token in full "
-                                 "precision: it needs kv_cache_dtype int8, fp8, int4 or int2, not 'auto'")
-            extra["keep_sink_token"] = keep_sink_token
-        self.cache = cache_cls(num_blocks=num_kv_blocks, **shape, dtype=self.model.dtype,
-                               device=self.model.device, attention_backend=attention_backend, **extra)
-        self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching,
-                                          on_discard=getattr(self.cache, "discard_block", None))
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens,
-                                   scheduling_policy, enable_chunked_prefill)
-        self.runner = ModelRunner(self.model, self.cache)
-        self.metrics = EngineMetrics()
-        self._generators: dict[int, torch.Generator] = {}
-        self._seqs: dict[str, Sequence] = {}
+            extra.update(keep_sink_token=True, sink_rows=plan.sink_rows)
+        if plan.residual_rows:
+            extra["residual_rows"] = plan.residual_rows
+        return QuantizedPagedKVCache(**kw, kv_cache_dtype=fmt, **extra)
+
+    # ---- who owns what: read-only views for the chapters and tests --------------------------
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.engine.scheduler
+
+    @property
+    def block_manager(self):
+        """The scheduler's block allocator (it is its only owner)."""
+        return self.engine.scheduler.block_manager
+
+    @property
+    def runner(self) -> ModelRunner:
+        return self.engine.runner
+
+    @runner.setter
+    def runner(self, value) -> None:
+        """Swap the runner (kvlab.engine.trace attaches a recording one)."""
+        self.engine.runner = value
+
+    @property
+    def metrics(self):
+        return self.engine.metrics
+
+    @metrics.setter
+    def metrics(self, value) -> None:
+        self.engine.metrics = value
+
+    @property
+    def eos_token_id(self):
+        return self.engine.eos_token_id
+
+    @eos_token_id.setter
+    def eos_token_id(self, value) -> None:
+        self.engine.eos_token_id = value
+
+    @property
+    def kv_cache_bytes_allocated(self) -> int:
+        """Bytes of every tensor the KV cache holds (blocks, scales, residual and sink rows),
+        allocated when the engine was built; never more than `kv_cache_memory_bytes`."""
+        return self.cache.nbytes
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (only while no request holds blocks); returns success."""
+        reset = getattr(self.block_manager, "reset_prefix_cache", None)
+        ok = bool(reset()) if reset is not None else False
+        self.runner.release(self.engine.scheduler.take_events())
+        return ok
 
     # ---- requests --------------------------------------------------------------------------
-    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+    def _tokenize(self, prompt) -> tuple[str | None, list[int], str | None]:
+        """-> (text or None, token ids, cache_salt): a string, token ids, a 1-D tensor, or a
+        dict {"prompt" or "prompt_token_ids": ..., "cache_salt": ...} as vLLM takes it."""
+        salt = None
         if isinstance(prompt, dict):
+            salt = prompt.get("cache_salt")
+            if salt is not None and not isinstance(salt, str):
+                raise ValueError(f"cache_salt must be a string, got {type(salt).__name__}")
             prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer; this model has none, pass token ids")
-            return prompt, list(self.tokenizer.encode(prompt))
+            return prompt, list(self.tokenizer.encode(prompt)), salt
         if isinstance(prompt, torch.Tensor):
-            prompt = prompt.flatten().tolist()
+            if prompt.dim() != 1:
+                raise ValueError(f"a tensor prompt must be 1-D token ids, got shape {tuple(prompt.shape)}")
+            prompt = prompt.tolist()
         if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
             raise ValueError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
-        return None, list(prompt)
+        return None, list(prompt), salt
 
     def _make_sequence(self, prompt, sampling_params, request_id=None, cache_salt=None) -> Sequence:
         """Validate one request; every limit it breaks is named in the ValueError."""
         params = SamplingParams() if sampling_params is None else sampling_params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
-        text, ids = self._tokenize(prompt)
+        text, ids, salt = self._tokenize(prompt)
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise ValueError(f"cache_salt must be a string, got {type(cache_salt).__name__}")
+        salt = cache_salt if cache_salt is not None else salt
         n, V = len(ids), self.config.vocab_size
         if n == 0:
             raise ValueError("the prompt is empty: at least one token is needed")
@@ -152,88 +265,29 @@ class LLM:
         if need > self.num_kv_blocks:
             raise ValueError(f"the request needs up to {need} KV blocks ({longest} tokens at block_size="
                              f"{self.block_size}) but the pool has only num_kv_blocks={self.num_kv_blocks}")
-        if request_id is not None and str(request_id) in self._seqs:
+        if request_id is not None and str(request_id) in self.engine.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        return Sequence(ids, params, None if request_id is None else str(request_id), text, cache_salt)
+        return Sequence(ids, params, None if request_id is None else str(request_id), text, salt)
 
     def add_request(self, prompt, sampling_params: SamplingParams | None = None,
                     request_id: str | None = None, cache_salt: str | None = None) -> str:
-        """Queue one request (text or token ids); returns its request_id."""
+        """Queue one request (text, token ids or a dict prompt); returns its request_id."""
         seq = self._make_sequence(prompt, sampling_params, request_id, cache_salt)
-        self._enqueue(seq)
+        self.engine.add(seq)
         return seq.request_id
 
-    def _enqueue(self, seq: Sequence) -> None:
-        if seq.sampling_params.seed is not None:
-            g = torch.Generator(device=self.model.device)
-            g.manual_seed(seq.sampling_params.seed)
-            self._generators[seq.seq_id] = g
-        self._seqs[seq.request_id] = seq
-        self.metrics.prompt_tokens += seq.num_prompt_tokens
-        self.scheduler.add(seq)
-
     def abort_request(self, request_id) -> None:
-        """Stop requests now (a str or a list of them); their blocks are freed. Unknown ids are ignored."""
+        """Stop requests now (a str or a list of them); their blocks are freed and the next step()
+        reports them (finish reason "abort"). Unknown ids are ignored."""
         for rid in list(request_id) if isinstance(request_id, (list, tuple, set)) else [request_id]:
-            seq = self.scheduler.find(str(rid))
-            if seq is not None:
-                seq.finish_time = time.perf_counter()
-                self._finish(seq, "abort")
+            self.engine.abort(str(rid))
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
-
-    # ---- the loop --------------------------------------------------------------------------
-    def _finish(self, seq: Sequence, reason: str) -> None:
-        self.scheduler.finish(seq, reason)
-        self.metrics.observe_finished(seq)
-        self._generators.pop(seq.seq_id, None)
-        self._seqs.pop(seq.request_id, None)
-
-    def _stop_reason(self, seq: Sequence) -> str | None:
-        p, t = seq.sampling_params, seq.last_token
-        if (not p.ignore_eos and t == self.eos_token_id) or t in p.stop_token_ids:
-            return "stop"
-        if p.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True)
-            hits = [i for i in (text.find(s) for s in p.stop) if i >= 0]
-            if hits:
-                seq.text = text[:min(hits)]
-                seq.stopped_by_string = True
-                return "stop"
-        if seq.num_completion_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
-            return "length"
-        return None
-
-    def _step(self) -> list[tuple[Sequence, int]]:
-        seqs = self.scheduler.schedule()
-        if not seqs:
-            if self.scheduler.waiting:
-                raise RuntimeError("no request could be scheduled although the engine is idle")
-            return []
-        logits = self.runner.run(seqs)
-        done = [i for i, s in enumerate(seqs) if s.num_computed_tokens == len(s)]  # not mid-prompt
-        if len(done) < len(seqs):
-            seqs, logits = [seqs[i] for i in done], logits[done]
-            if not seqs:
-                return []
-        tokens = sample(logits, [s.sampling_params for s in seqs],
-                        [self._generators.get(s.seq_id) for s in seqs])
-        now = time.perf_counter()
-        for seq, tok in zip(seqs, tokens):
-            seq.append_token(tok)
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            reason = self._stop_reason(seq)
-            if reason is not None:
-                seq.finish_time = now
-                self._finish(seq, reason)
-        self.metrics.generation_tokens += len(seqs)
-        return list(zip(seqs, tokens))
+        return self.engine.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """Run one engine step; a RequestOutput for each request that produced a token."""
-        return [self._output(seq, [tok]) for seq, tok in self._step()]
+        """Run one engine step; a RequestOutput for each request that produced a token or was aborted."""
+        return [self._output(o.seq, o.new_token_ids) for o in self.engine.step()]
 
     def _output(self, seq: Sequence, new_token_ids=()) -> RequestOutput:
         if seq.stopped_by_string or self.tokenizer is None:
@@ -246,13 +300,16 @@ class LLM:
                              seq.finish_time, seq.num_cached_tokens, list(new_token_ids))
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
-        """Run prompts (a string, a token-id list, or a list of them) to completion; outputs in order.
+        """Run prompts (a string, token ids, a 1-D tensor, a dict prompt, or a list of them) to
+        completion; outputs in order.
 
         All prompts are validated before any is queued: a bad one raises ValueError (naming its
         index) and leaves the engine as it was.
         """
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
-                                                and all(isinstance(t, int) for t in prompts)):
+        if isinstance(prompts, torch.Tensor):
+            prompts = [prompts] if prompts.dim() == 1 else list(prompts)
+        elif isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
+                                                  and all(isinstance(t, int) for t in prompts)):
             prompts = [prompts]
         prompts = list(prompts)
         if isinstance(sampling_params, (list, tuple)):
@@ -268,7 +325,7 @@ class LLM:
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
         for seq in seqs:
-            self._enqueue(seq)
+            self.engine.add(seq)
         bar = None
         if use_tqdm:
             try:
@@ -278,9 +335,9 @@ class LLM:
                 pass
         pending = {s.seq_id for s in seqs}
         while pending:
-            for seq, _ in self._step():
-                if seq.is_finished and seq.seq_id in pending:
-                    pending.discard(seq.seq_id)
+            for out in self.engine.step():
+                if out.seq.is_finished and out.seq.seq_id in pending:
+                    pending.discard(out.seq.seq_id)
                     if bar is not None:
                         bar.update(1)
         if bar is not None:
@@ -305,18 +362,20 @@ class LLM:
 
     # ---- metrics ---------------------------------------------------------------------------
     def get_metrics(self) -> dict:
-        """vLLM-named gauges, counters and histograms (see kvlab/engine/metrics.py)."""
-        m, s = self.metrics, self.scheduler
+        """vLLM-named gauges, counters and histograms (see kvlab/engine/metrics.py), each read
+        from its one owner."""
+        m, s, bm = self.metrics, self.scheduler, self.block_manager
         return {
-            "kv_cache_usage_perc": self.block_manager.usage(),
+            "kv_cache_usage_perc": bm.usage(),
             "num_requests_running": len(s.running),
             "num_requests_waiting": len(s.waiting),
             "num_preemptions": s.num_preemptions,
             "prompt_tokens": m.prompt_tokens,
             "generation_tokens": m.generation_tokens,
             "num_requests_finished": m.num_requests_finished,
-            "prefix_cache_queries": s.prefix_cache_queries,
-            "prefix_cache_hits": s.prefix_cache_hits,
+            "num_requests_aborted": m.num_requests_aborted,
+            "prefix_cache_queries": getattr(bm, "prefix_cache_queries", 0),
+            "prefix_cache_hits": getattr(bm, "prefix_cache_hits", 0),
             "time_to_first_token_seconds": m.time_to_first_token_seconds,
             "time_per_output_token_seconds": m.time_per_output_token_seconds,
             "e2e_request_latency_seconds": m.e2e_request_latency_seconds,
@@ -325,3 +384,4 @@ class LLM:
     def prometheus_metrics(self) -> str:
         """get_metrics() in Prometheus text exposition format."""
         return render_prometheus(self.get_metrics())
+

@@ -2,10 +2,15 @@
 
 Gauges: kv_cache_usage_perc (fraction of KV blocks in use, 0..1 as in vLLM),
 num_requests_running, num_requests_waiting. Counters: num_preemptions, prompt_tokens,
-generation_tokens, num_requests_finished, prefix_cache_queries and prefix_cache_hits (prompt
-tokens looked up in the prefix cache at admission, and how many were found). Histograms:
-time_to_first_token_seconds (arrival -> first token), time_per_output_token_seconds (mean gap
-between later tokens of one request), e2e_request_latency_seconds.
+generation_tokens, num_requests_finished (aborts included), num_requests_aborted,
+prefix_cache_queries and prefix_cache_hits (prompt tokens looked up in the prefix cache at
+admission, and how many were found). Histograms: time_to_first_token_seconds (arrival -> first
+token), time_per_output_token_seconds (mean gap between later tokens of one request),
+e2e_request_latency_seconds; an aborted request is not observed in them.
+
+Each counter has one owner: `EngineMetrics` holds what the engine core writes (tokens, finished
+requests, latencies); the scheduler counts preemptions and the prefix cache (block manager or
+radix cache) its queries and hits. `LLM.get_metrics()` gathers them.
 """
 from __future__ import annotations
 
@@ -45,19 +50,20 @@ class Histogram:
 
 @dataclass
 class EngineMetrics:
-    num_preemptions: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
     num_requests_finished: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
+    num_requests_aborted: int = 0
     time_to_first_token_seconds: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
     time_per_output_token_seconds: Histogram = field(default_factory=lambda: Histogram(TPOT_BUCKETS))
     e2e_request_latency_seconds: Histogram = field(default_factory=lambda: Histogram(E2E_BUCKETS))
 
     def observe_finished(self, seq) -> None:
-        """Record one finished request's latencies (a request aborted before any token has none)."""
+        """Record one finished request's latencies (an aborted one is counted, not timed)."""
         self.num_requests_finished += 1
+        if seq.finish_reason == "abort":
+            self.num_requests_aborted += 1
+            return
         if seq.first_token_time is None:
             return
         self.time_to_first_token_seconds.observe(seq.first_token_time - seq.arrival_time)
@@ -69,7 +75,7 @@ class EngineMetrics:
 
 
 COUNTERS = ("num_preemptions", "prompt_tokens", "generation_tokens", "num_requests_finished",
-            "prefix_cache_queries", "prefix_cache_hits")
+            "num_requests_aborted", "prefix_cache_queries", "prefix_cache_hits")
 GAUGES = ("kv_cache_usage_perc", "num_requests_running", "num_requests_waiting")
 
 

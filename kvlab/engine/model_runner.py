@@ -1,33 +1,53 @@
-"""The model runner: turns a list of scheduled sequences into one packed forward pass.
+"""The model runner: turns a step's `Schedule` into one packed forward pass over the paged cache.
 
 All new tokens of all scheduled sequences are concatenated into one row (B = 1, T = N), with
 their absolute positions for RoPE. The paged cache gets the step's AttentionMetadata: where each
 new token's K/V goes (slot mapping), which rows belong to which sequence (query_start_loc), how
 long each context is, and each sequence's block table. Logits are computed only for the last new
-token of each sequence, the one that predicts its next token (the engine samples it only when the
-sequence's tokens are all computed: not after a chunk that ends inside the prompt).
+token of each sequence that samples this step (not after a chunk that ends inside the prompt).
+
+The runner reads sequences and writes nothing into them. It owns the cache's step boundary:
+
+    cache.begin_step(metadata, freed_blocks)   # first the blocks dropped since the last step let
+                                               # go of their per-block state, then this step's
+                                               # rows open (int4 residual rows, sink rows)
+    model(...)                                 # every layer: cache.attend(layer, q, k, v)
+    cache.end_step()                           # rows of the blocks this step sealed close
+
+`end_step` runs even when the forward raises, so a failed step leaves no row open.
 """
 from __future__ import annotations
 
 import torch
 
-from kvlab.cache.paged import AttentionMetadata, PagedKVCache
-from kvlab.engine.sequence import Sequence
+from kvlab.cache.paged import AttentionMetadata
+
+
+def _spans(items) -> list[tuple]:
+    """(sequence, start, end) of each scheduled item; a bare Sequence (the chapters' use) means
+    all its tokens from `num_computed_tokens` on."""
+    out = []
+    for it in items:
+        if hasattr(it, "seq"):
+            out.append((it.seq, it.start, it.end))
+        else:
+            out.append((it, it.num_computed_tokens, len(it)))
+    return out
 
 
 class ModelRunner:
-    def __init__(self, model, cache: PagedKVCache):
+    def __init__(self, model, cache):
         self.model, self.cache = model, cache
         self.block_size = cache.block_size
         self.device = cache.device
 
-    def prepare(self, seqs: list[Sequence]):
-        """-> input_ids [1, N], positions [1, N], AttentionMetadata, logit_indices [S]."""
+    def prepare(self, items):
+        """Scheduled items (or sequences) -> input_ids [1, N], positions [1, N], AttentionMetadata,
+        logit_indices [S] (the last new token of each)."""
         bs = self.block_size
+        spans = _spans(items)
         input_ids, positions, slots, qsl, ctx = [], [], [], [0], []
-        for seq in seqs:
-            start = seq.num_computed_tokens
-            end = start + seq.num_scheduled_tokens if seq.num_scheduled_tokens else len(seq)
+        for seq, start, end in spans:
             if not 0 <= start < end <= len(seq):
                 raise RuntimeError(f"sequence {seq.seq_id} has no token to compute ({start}..{end})")
             if len(seq.block_table) * bs < end:
@@ -39,32 +59,41 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             qsl.append(qsl[-1] + end - start)
             ctx.append(end)
-        max_blocks = max(len(s.block_table) for s in seqs)
-        tables = [s.block_table + [-1] * (max_blocks - len(s.block_table)) for s in seqs]
+        max_blocks = max(len(s.block_table) for s, _, _ in spans)
+        tables = [s.block_table + [-1] * (max_blocks - len(s.block_table)) for s, _, _ in spans]
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
             context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            is_decode=qsl[-1] == len(seqs),
+            is_decode=qsl[-1] == len(spans),
         )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev).unsqueeze(0)
         pos = torch.tensor(positions, dtype=torch.int64, device=dev).unsqueeze(0)
         logit_indices = meta.query_start_loc[1:].long() - 1
         return ids, pos, meta, logit_indices
 
+    def release(self, freed_blocks) -> None:
+        """Hand blocks whose contents were dropped to the cache (a step with no forward)."""
+        if freed_blocks:
+            self.cache.begin_step(None, freed_blocks)
+            self.cache.end_step()
+
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One forward pass over the scheduled sequences -> next-token logits [S, vocab]."""
-        ids, pos, meta, logit_indices = self.prepare(seqs)
-        self.cache.set_metadata(meta)
+    def run(self, schedule) -> torch.Tensor:
+        """One forward pass over the schedule -> next-token logits [S, vocab] of the items that
+        sample (`ScheduledChunk.samples`), in schedule order."""
+        items = schedule.items
+        if not items:
+            self.release(schedule.freed_blocks)
+            return torch.empty(0, 0)
+        ids, pos, meta, logit_indices = self.prepare(items)
+        keep = [i for i, it in enumerate(items) if it.samples]
+        if len(keep) < len(items):
+            logit_indices = logit_indices[keep]
+        self.cache.begin_step(meta, schedule.freed_blocks)
         try:
-            logits = self.model(ids, positions=pos, cache=self.cache, logit_indices=logit_indices)
+            return self.model(ids, positions=pos, cache=self.cache, logit_indices=logit_indices)
         finally:
-            self.cache.metadata = None
-        for seq in seqs:   # num_scheduled_tokens is per step; 0 (not set) means "all the rest"
-            seq.num_computed_tokens = (seq.num_computed_tokens + seq.num_scheduled_tokens
-                                       if seq.num_scheduled_tokens else len(seq))
-            seq.num_scheduled_tokens = 0
-        return logits
+            self.cache.end_step()

@@ -14,9 +14,13 @@ slot per token, and a lookup finds the longest common prefix to the token.
 - **evict**: when slots run out, free least-recently-used *leaves* with no lock; a parent whose
   last child went becomes a leaf and a candidate in turn.
 
-`RadixCache` has the BlockManager's interface (`can_allocate`, `allocate`, `can_append`,
-`may_append`, `deallocate`, `usage`, the prefix-cache counters) with blocks of one token: a
-sequence's `block_table` lists one slot per token, so it can also run the engine at block_size=1.
+`RadixCache` follows the BlockManager's protocol (kvlab/engine/protocols.py, `BlockAllocator`:
+`lookup`, `can_allocate`, `allocate`, `can_append`, `may_append`, `register_computed`,
+`deallocate`, `take_events`, `usage`, the prefix-cache counters) with blocks of one token: a
+sequence's `block_table` lists one slot per token, so it runs the engine at block_size=1
+(`kvlab.LLM(prefix_cache="radix")`). It enters an admitted prompt into the tree at once: a
+sequence admitted in the same step that matches it reads, in every layer, K/V written earlier in
+that same layer of the same forward. So it does not do chunked prefill.
 Requests with different `cache_salt` live under different roots and never share.
 Like the BlockManager it counts on the engine's order: an admitted sequence's prompt is computed by
 the coming step, and at `deallocate` every token but the newest has its K/V computed.
@@ -42,6 +46,7 @@ class RadixCache:
     """Token-granular prefix cache over `num_slots` KV slots (blocks of one token)."""
 
     block_size = 1
+    supports_chunked_prefill = False
 
     def __init__(self, num_slots: int, enable_prefix_caching: bool = True):
         if num_slots <= 0:
@@ -56,6 +61,19 @@ class RadixCache:
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
         self.num_evicted_blocks = 0                   # slots evicted from the tree
+        self._events: list[int] = []                  # slots dropped since take_events()
+
+    def take_events(self) -> list[int]:
+        """Slots whose contents were dropped (freed or evicted) since the last call."""
+        events, self._events = self._events, []
+        return events
+
+    def lookup(self, seq) -> int:
+        """Tokens of seq the tree holds (never the last). Pure."""
+        return self._match_len(seq)[0]
+
+    def register_computed(self, seq, num_computed: int) -> None:
+        """Nothing to do: an admitted prompt entered the tree at allocate (see the module doc)."""
 
     # ---- queries ---------------------------------------------------------------------------
     @property
@@ -119,12 +137,13 @@ class RadixCache:
         _, _, m, unlocked = self._walk(self.roots[seq.cache_salt], seq.token_ids[:len(seq) - 1], False)
         return m, unlocked
 
-    def can_allocate(self, seq) -> bool:
+    def can_allocate(self, seq, num_tokens: int | None = None) -> bool:
         m, unlocked = self._match_len(seq)
         return len(seq) - m <= len(self.free_slots) + self.evictable_size - unlocked
 
-    def can_append(self, seq) -> bool:
-        return len(seq) - len(seq.block_table) <= len(self.free_slots) + self.evictable_size
+    def can_append(self, seq, num_tokens: int | None = None) -> bool:
+        n = len(seq) if num_tokens is None else num_tokens
+        return n - len(seq.block_table) <= len(self.free_slots) + self.evictable_size
 
     # ---- the tree ----------------------------------------------------------------------------
     def _insert(self, root: Node, tokens, slots) -> tuple[Node, int]:
@@ -169,6 +188,7 @@ class RadixCache:
         while freed < num_slots and heap:
             _, _, n = heapq.heappop(heap)
             self.free_slots.extend(n.slots)
+            self._events.extend(n.slots)
             freed += len(n.slots)
             self.evictable_size -= len(n.key)
             del n.parent.children[n.key[0]]
@@ -195,7 +215,10 @@ class RadixCache:
         return True
 
     # ---- the sequence interface ------------------------------------------------------------
-    def allocate(self, seq) -> None:
+    def allocate(self, seq, num_tokens: int | None = None) -> None:
+        if num_tokens is not None and num_tokens != len(seq):
+            raise ValueError(f"RadixCache allocates whole prompts (no chunked prefill): num_tokens "
+                             f"must be {len(seq)}, got {num_tokens}")
         if seq.block_table:
             raise ValueError(f"sequence already holds {len(seq.block_table)} slots; deallocate it first")
         if len(seq) == 0:
@@ -207,6 +230,7 @@ class RadixCache:
             seq.block_table.extend(self._take(n))
             seq.num_cached_tokens = 0
             self._seqs[seq.seq_id] = (None, n, list(seq.block_table))
+            self.prefix_cache_queries += n
             return
         root = self._root(seq.cache_salt)
         node, cached_slots, m, _ = self._walk(root, seq.token_ids[:n - 1], split=True)
@@ -221,8 +245,8 @@ class RadixCache:
         self.prefix_cache_queries += n
         self.prefix_cache_hits += m
 
-    def may_append(self, seq) -> None:
-        need = len(seq) - len(seq.block_table)
+    def may_append(self, seq, num_tokens: int | None = None) -> None:
+        need = (len(seq) if num_tokens is None else num_tokens) - len(seq.block_table)
         if need < 0:
             raise RuntimeError("tokens were removed from a sequence without deallocating it")
         seq.block_table.extend(self._take(need))
@@ -237,6 +261,7 @@ class RadixCache:
         node, prompt_len, own = state
         if node is None:                               # caching off: every slot is the sequence's
             self.free_slots.extend(table)
+            self._events.extend(table)
             table.clear()
             return
         n = max(len(seq) - 1, prompt_len)
@@ -247,4 +272,5 @@ class RadixCache:
         free += table[n:]
         self._unlock(node)
         self.free_slots.extend(free)
+        self._events.extend(free)
         table.clear()

@@ -5,10 +5,16 @@ each step) or FINISHED. Preemption by recompute sends a RUNNING sequence back to
 blocks freed; when it is admitted again, prompt *and* already generated tokens are prefilled in one
 pass, which rebuilds exactly the K/V it lost (Kwon et al., 2023, section 4.5).
 
-`num_computed_tokens` counts the tokens whose K/V are in the cache. A step computes the next
-`num_scheduled_tokens` of them (set by the scheduler): the whole prompt at admission (less what the
-prefix cache already holds, `num_cached_tokens`), or, with chunked prefill, the prompt in chunks
-over several steps; then one token per decode step.
+`num_computed_tokens` counts the tokens whose K/V are in the cache, or are being computed by the
+step the scheduler has just planned: the scheduler alone advances it, when it plans a step
+(kvlab/engine/scheduler.py, `Schedule`), and puts it back if that step's forward fails. A step
+computes the whole prompt at admission (less what the prefix cache already holds,
+`num_cached_tokens`), or, with chunked prefill, the prompt in chunks over several steps; then one
+token per decode step.
+
+Who writes what: the scheduler writes `status`, `num_computed_tokens`, `num_preemptions`; the
+block manager writes `block_table` and `num_cached_tokens`; the engine core (kvlab/engine/core.py)
+writes the tokens, `finish_reason`, `text` and the times. Nobody else writes a sequence.
 """
 from __future__ import annotations
 
@@ -41,8 +47,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.num_cached_tokens = 0      # prefix-cache hits at admission (set by the block manager)
-        self.num_computed_tokens = 0    # tokens whose K/V are in the cache
-        self.num_scheduled_tokens = 0   # tokens the coming step computes (scheduler; 0: all the rest)
+        self.num_computed_tokens = 0    # tokens whose K/V are in the cache (or in the planned step)
         self.finish_reason: str | None = None
         self.text = ""                  # completion text, set when a stop string ends it
         self.stopped_by_string = False

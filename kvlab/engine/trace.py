@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from kvlab.engine.model_runner import ModelRunner
+from kvlab.engine.model_runner import ModelRunner, _spans
 
 
 @dataclass
@@ -84,15 +84,15 @@ class StepRecord:
 
 
 class TracingRunner(ModelRunner):
-    """A ModelRunner that passes every prepared step to `on_prepare(seqs, metadata)`."""
+    """A ModelRunner that passes every prepared step to `on_prepare(items, metadata)`."""
 
     def __init__(self, model, cache, on_prepare):
         super().__init__(model, cache)
         self.on_prepare = on_prepare
 
-    def prepare(self, seqs):
-        out = super().prepare(seqs)
-        self.on_prepare(seqs, out[2])
+    def prepare(self, items):
+        out = super().prepare(items)
+        self.on_prepare(items, out[2])
         return out
 
 
@@ -107,14 +107,12 @@ class EngineTracer:
         self._original = llm.runner
         llm.runner = TracingRunner(llm.model, llm.cache, self._record)
 
-    def _record(self, seqs, meta) -> None:
+    def _record(self, items, meta) -> None:
         llm, bs = self.llm, self.llm.block_size
         qsl = meta.query_start_loc.tolist()
         slots = meta.slot_mapping.tolist()
         rows = []
-        for i, seq in enumerate(seqs):
-            start = seq.num_computed_tokens
-            end = start + seq.num_scheduled_tokens if seq.num_scheduled_tokens else len(seq)
+        for i, (seq, start, end) in enumerate(_spans(items)):
             admitted = end - start > 1 or start == seq.num_cached_tokens   # prompt (or a chunk of it)
             rows.append(ScheduledSeq(seq.request_id, "prefill" if admitted else "decode", start, end,
                                      seq.num_cached_tokens, list(seq.block_table), slots[qsl[i]:qsl[i + 1]]))
@@ -131,7 +129,7 @@ class EngineTracer:
         if len(self.records) == before:
             return None
         rec = self.records[-1]
-        rec.tokens = {o.request_id: o.new_token_ids[-1] for o in outs}
+        rec.tokens = {o.request_id: o.new_token_ids[-1] for o in outs if o.new_token_ids}
         rec.finished = {o.request_id: o.outputs[0].finish_reason for o in outs if o.finished}
         rec.num_free_blocks_after = self.llm.block_manager.num_free_blocks
         return rec

@@ -59,12 +59,15 @@ class QuantizedPagedKVCache:
     shifts: keys are stored minus their shift, and attention reads them as stored, since a shift
     common to all keys does not change softmax; the PyTorch reference adds it back on read).
     `keep_sink_token`: each sequence's position-0 token also kept unquantized (kvlab.quant.sink).
+    `residual_rows`, `sink_rows`: preallocate that many rows, fixed (the engine does, inside its
+    KV budget: kvlab/engine/kv_budget.py); None: a small pool that grows and shrinks as needed.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype = torch.float32, device="cpu",
                  attention_backend: str = "torch", kv_cache_dtype: str = "int8", fp8_calibration=None,
-                 keep_sink_token: bool = False):
+                 keep_sink_token: bool = False, residual_rows: int | None = None,
+                 sink_rows: int | None = None):
         check_kv_cache_dtype(kv_cache_dtype)
         if kv_cache_dtype == "auto":
             raise ValueError("kv_cache_dtype='auto' is the full-precision kvlab.cache.paged.PagedKVCache")
@@ -91,7 +94,7 @@ class QuantizedPagedKVCache:
         self.ops = backend_module(attention_backend)
         self.fused = attention_backend == "triton"
         self.scale = 1.0 / math.sqrt(head_dim)
-        self.metadata = None
+        self.metadata, self._closed = None, True
         NB, BS, H, D, dev = num_blocks, block_size, num_kv_heads, head_dim, self.device
 
         def zeros(*shape, dt):
@@ -112,8 +115,10 @@ class QuantizedPagedKVCache:
             self.k_cache, self.v_cache = (zeros(NB, BS, H, D * self.bits // 8, dt=torch.uint8) for _ in "kv")
             self.k_scale, self.k_zero = (zeros(NB, H, D, dt=f16) for _ in "sz")
             self.v_scale, self.v_zero = (zeros(NB, BS, H, G, dt=f16) for _ in "sz")
-            self.residual = Int4Residual.create(num_layers, NB, BS, H, D, dtype, dev)
-        self.sinks = create_sink_pool(num_layers, NB, H, D, dtype, dev) if keep_sink_token else None
+            self.residual = Int4Residual.create(num_layers, NB, BS, H, D, dtype, dev, residual_rows or 16,
+                                                fixed=residual_rows is not None)
+        self.sinks = create_sink_pool(num_layers, NB, H, D, dtype, dev, sink_rows or 16,
+                                      fixed=sink_rows is not None) if keep_sink_token else None
 
     def _k_shift(self, layer: int):
         """fp8 key smoothing: the shift [Hkv, D] of `layer`, or None."""
@@ -138,30 +143,73 @@ class QuantizedPagedKVCache:
 
     @property
     def residual_bytes(self) -> int:
-        """int4, int2: bytes of the full-precision residual pool now, outside the block budget."""
+        """int4, int2: bytes of the full-precision residual pool now."""
         return self.residual.nbytes if self.bits else 0
 
     @property
     def sink_bytes(self) -> int:
-        """keep_sink_token: bytes of the full-precision sink rows now, outside the block budget."""
+        """keep_sink_token: bytes of the full-precision sink rows now."""
         return self.sinks.nbytes if self.sinks is not None else 0
 
-    def discard_block(self, block_id: int) -> None:
-        """The block manager dropped `block_id`'s contents: int4's residual row and the block's
-        sink row, if any, go back (nothing else is kept per block outside the pool)."""
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor this cache holds: codes, scales, zeros, key shifts, rows."""
+        ts = [*self.k_cache, *self.v_cache, *self.k_scale, *self.v_scale]
         if self.bits:
-            self.residual.discard([block_id])
-        if self.sinks is not None:
-            self.sinks.discard([block_id])
+            ts += [*self.k_zero, *self.v_zero]
+        if self.kv_cache_dtype == "fp8" and self.k_shift is not None:
+            ts += list(self.k_shift)
+        return sum(t.numel() * t.element_size() for t in ts) + self.residual_bytes + self.sink_bytes
 
-    def set_metadata(self, metadata) -> None:
-        """Called by the engine before each forward pass; int4 opens this step's residual rows,
-        and the first blocks whose position 0 this step writes get their sink rows."""
-        self.metadata = metadata
+    @staticmethod
+    def fixed_bytes(num_layers: int, num_kv_heads: int, head_dim: int, kv_cache_dtype: str) -> int:
+        """Bytes that do not scale with the pool: fp8's per-layer scales and key shifts (an upper
+        bound: scales per head, a shift per channel, float32)."""
+        if kv_cache_dtype != "fp8":
+            return 0
+        return num_layers * 4 * (2 * num_kv_heads + num_kv_heads * head_dim)
+
+    def discard_blocks(self, block_ids) -> None:
+        """The block manager dropped these blocks' contents: int4's residual rows and the blocks'
+        sink rows, if any, go back (nothing else is kept per block outside the pool)."""
+        block_ids = list(block_ids)
+        if self.bits:
+            self.residual.discard(block_ids)
+        if self.sinks is not None:
+            self.sinks.discard(block_ids)
+
+    def discard_block(self, block_id: int) -> None:
+        self.discard_blocks([block_id])
+
+    def begin_step(self, metadata, freed_blocks=()) -> None:
+        """Called by the engine's runner before each forward pass: first the blocks dropped since
+        the last step give their rows back (one of them may be written again this step), then
+        int4 opens this step's residual rows, and the first blocks whose position 0 this step
+        writes get their sink rows."""
+        self.discard_blocks(freed_blocks)
+        self.metadata, self._closed = metadata, False
         if metadata is not None and self.bits:
             self.residual.open(metadata.slot_mapping)
         if metadata is not None and self.sinks is not None:
             self.sinks.assign(sink_blocks(metadata.block_tables, metadata.slot_mapping, self.block_size))
+
+    def advance(self, num_tokens: int) -> None:
+        """The model's forward ended (kvlab/cache/base.py): the blocks the step sealed give their
+        residual rows back, this step's attention has read them (positions live in the metadata)."""
+        if self.metadata is not None and self.bits and not self._closed:
+            self.residual.close(self.metadata.slot_mapping)
+        self._closed = True
+
+    def end_step(self) -> None:
+        """Called by the runner after each forward pass, also when it raised: rows close as in
+        `advance` if the forward did not get there, and the step's metadata is dropped."""
+        self.advance(0)
+        self.metadata = None
+
+    def set_metadata(self, metadata) -> None:
+        """begin_step(metadata) without freed blocks (tests driving the cache by hand end the step
+        with end_step())."""
+        self.begin_step(metadata)
 
     def kernel_args(self, layer: int) -> dict:
         """The quantization keyword arguments of kvlab.attention.paged_triton for one layer."""
@@ -279,10 +327,5 @@ class QuantizedPagedKVCache:
         """q [1, N, Hq, D], k and v [1, N, Hkv, D] (packed batch) -> [1, N, Hq, D]."""
         m = step_metadata(self, q)
         attend = self._attend_fused if self.fused else self._attend_reference
-        out = attend(layer, q[0], k[0], v[0], m)
-        if self.bits and layer == self.num_layers - 1:
-            self.residual.close(m.slot_mapping)   # the step's sealed blocks give their rows back
-        return out.unsqueeze(0)
+        return attend(layer, q[0], k[0], v[0], m).unsqueeze(0)
 
-    def advance(self, num_tokens: int) -> None:
-        """Nothing to move: positions live in the metadata, which the engine replaces each step."""

@@ -23,11 +23,13 @@ The timing of one engine step, the same for the PyTorch path and the Triton kern
 4. `discard(block)` when the block manager frees a block whose contents nobody will read again
    (a sequence's partial last block when it finishes, is aborted or preempted): its row goes back.
 
-So the pool holds one row per running sequence plus the blocks one step fills. It is memory outside
-the engine's block budget (`nbytes`): it grows, doubling, to what a step needs, and shrinks back
-(to twice the rows in use, at least its initial size) once three quarters of it are free, moving
-the rows in use to the front. Rows are handed out and moved in a fixed order, so two caches driven
-through the same steps hold the same bytes in the same rows.
+So the pool holds one row per running sequence plus the blocks one step fills. In the engine it is
+*fixed* (`fixed=True`): preallocated at start-up out of the KV budget with enough rows for any
+step the scheduler may plan (kvlab/engine/kv_budget.py), it never grows, and running out is a
+bug (RuntimeError). Built alone (the tests of the kernels), it grows, doubling, to what a step
+needs, and shrinks back (to twice the rows in use, at least its initial size) once three quarters
+of it are free, moving the rows in use to the front. Rows are handed out and moved in a fixed
+order, so two caches driven through the same steps hold the same bytes in the same rows.
 """
 from __future__ import annotations
 
@@ -52,17 +54,19 @@ class Int4Residual:
     res_slot: torch.Tensor
     free: list
     min_rows: int = 16
+    fixed: bool = False                 # preallocated: never grows or shrinks
 
     @classmethod
     def create(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-               head_dim: int, dtype: torch.dtype = torch.float32, device="cpu", rows: int = 16):
+               head_dim: int, dtype: torch.dtype = torch.float32, device="cpu", rows: int = 16,
+               fixed: bool = False):
         if rows <= 0:
             raise ValueError(f"Int4Residual needs at least one row, got rows={rows}")
         pool = [torch.zeros(rows, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
                 for _ in range(2 * num_layers)]
         return cls(block_size, pool[:num_layers], pool[num_layers:],
                    torch.full((num_blocks,), -1, dtype=torch.int32, device=device),
-                   list(range(rows - 1, -1, -1)), rows)
+                   list(range(rows - 1, -1, -1)), rows, fixed)
 
     @property
     def rows_in_use(self) -> int:
@@ -70,12 +74,15 @@ class Int4Residual:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the pool holds now (all layers, K and V), in use or not."""
-        return sum(p.numel() * p.element_size() for p in self.k_res + self.v_res)
+        """Bytes the pool holds now (all layers, K and V, and the row index), in use or not."""
+        return sum(p.numel() * p.element_size() for p in self.k_res + self.v_res) + \
+            self.res_slot.numel() * self.res_slot.element_size()
 
     def _shrink(self) -> None:
         """Once 3/4 of the rows are free: keep max(min_rows, 2 x in use), rows in use moved to the
         front in their current order."""
+        if self.fixed:
+            return
         R, used = self.k_res[0].shape[0], self.rows_in_use
         keep = max(self.min_rows, 2 * used)
         if used * 4 > R or keep >= R:
@@ -94,6 +101,9 @@ class Int4Residual:
 
     def _grow(self, need: int) -> None:
         R = self.k_res[0].shape[0]
+        if self.fixed:
+            raise RuntimeError(f"the preallocated pool of {R} rows is full ({need} more needed): "
+                               "the engine sized it for every step it can schedule, so this is a bug")
         new = max(2 * R, R + need)
         for pools in (self.k_res, self.v_res):
             for i, p in enumerate(pools):

@@ -28,9 +28,12 @@ finds its sink too (block hashes are chained from the first block, so a block ca
 position 0 is only ever found at position 0). The row goes back when the block manager drops the
 block's contents: freed without a hash, or evicted (`BlockManager(on_discard=...)`).
 
-Cost: one token in the model dtype per running sequence and per cached first block, outside the
-block budget like int4's residual pool (`QuantizedPagedKVCache.sink_bytes`): for SmolLM2 in
-bfloat16, 23,040 bytes a row (the bytes of 3.2 int4 tokens; the token is stored quantized too).
+Cost: one token in the model dtype per running sequence and per cached first block
+(`QuantizedPagedKVCache.sink_bytes`): for SmolLM2 in bfloat16, 23,040 bytes a row (the bytes of
+3.2 int4 tokens; the token is stored quantized too). In the engine the rows are preallocated inside
+the KV budget, `min(num_blocks, 2 * max_num_seqs)` of them, and the block manager keeps at most
+`max_num_seqs` free cached first blocks, evicting the oldest beyond that
+(kvlab/engine/kv_budget.py), so the pool never runs out and never grows.
 """
 from __future__ import annotations
 
@@ -50,11 +53,12 @@ def sink_blocks(block_tables: torch.Tensor, slot_mapping: torch.Tensor, block_si
 
 
 def create_sink_pool(num_layers: int, num_blocks: int, num_kv_heads: int, head_dim: int,
-                     dtype: torch.dtype = torch.float32, device="cpu", rows: int = 16) -> Int4Residual:
+                     dtype: torch.dtype = torch.float32, device="cpu", rows: int = 16,
+                     fixed: bool = False) -> Int4Residual:
     """The sink rows of every layer: a pool of one-token rows with the residual pool's bookkeeping
     (kvlab.quant.residual: `assign` hands out rows, `discard` takes them back, it grows and shrinks).
     Its `k_res[layer]` is [R, 1, Hkv, D]; `sink_args` gives the kernels' [R, Hkv, D] views."""
-    return Int4Residual.create(num_layers, num_blocks, 1, num_kv_heads, head_dim, dtype, device, rows)
+    return Int4Residual.create(num_layers, num_blocks, 1, num_kv_heads, head_dim, dtype, device, rows, fixed)
 
 
 def sink_args(pool: Int4Residual, layer: int) -> dict:

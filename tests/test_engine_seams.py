@@ -1,0 +1,190 @@
+"""The engine's seams (kvlab/engine/protocols.py): each takes a name or an object that follows a
+documented protocol, with no kvlab base class. A plugged-in part must serve the real engine and
+give the reference's greedy tokens; the radix cache must give the block-hash cache's tokens."""
+import pytest
+import torch
+from _engine_helpers import GREEDY
+from _engine_helpers import random_prompts as _prompts
+
+from kvlab import LLM, SamplingParams
+from kvlab.cache.base import causal_attention
+from kvlab.cache.codec import Int8PerToken
+from kvlab.engine.radix_cache import RadixCache
+
+
+# ---- the smallest objects that satisfy each protocol (docs/architecture.md shows them) ----------
+class FreeList:
+    """A BlockAllocator with no sharing: a free list of blocks."""
+
+    def __init__(self, num_blocks, block_size):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.free, self.dropped = list(range(num_blocks)), []
+
+    def _need(self, seq, num_tokens):
+        return -(-num_tokens // self.block_size) - len(seq.block_table)
+
+    def lookup(self, seq):
+        return 0
+
+    def can_allocate(self, seq, num_tokens):
+        return self._need(seq, num_tokens) <= len(self.free)
+
+    can_append = can_allocate
+
+    def allocate(self, seq, num_tokens):
+        seq.num_cached_tokens = 0
+        self.may_append(seq, num_tokens)
+
+    def may_append(self, seq, num_tokens):
+        for _ in range(self._need(seq, num_tokens)):
+            seq.block_table.append(self.free.pop())
+
+    def register_computed(self, seq, num_computed):
+        pass
+
+    def deallocate(self, seq):
+        self.free += seq.block_table
+        self.dropped += seq.block_table
+        seq.block_table.clear()
+
+    def take_events(self):
+        events, self.dropped = self.dropped, []
+        return events
+
+    def usage(self):
+        return 1 - len(self.free) / self.num_blocks
+
+
+class Half:
+    """A KVFormat: K and V stored as float16."""
+
+    def storage(self, num_blocks, block_size, num_kv_heads, head_dim, device):
+        return {n: torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=torch.float16,
+                               device=device) for n in ("k", "v")}
+
+    def write(self, store, k, v, slots):
+        for name, x in (("k", k), ("v", v)):
+            store[name].view(-1, *x.shape[1:]).index_copy_(0, slots, x.to(torch.float16))
+
+    def read(self, store, blocks, dtype):
+        return store["k"][blocks].to(dtype), store["v"][blocks].to(dtype)
+
+
+class LoopBackend:
+    """An AttentionBackend written token by token: write each slot, gather each context."""
+
+    def reshape_and_cache(self, k, v, k_cache, v_cache, slot_mapping):
+        bs = k_cache.shape[1]
+        for i, s in enumerate(slot_mapping.tolist()):
+            if s >= 0:
+                k_cache[s // bs, s % bs] = k[i]
+                v_cache[s // bs, s % bs] = v[i]
+
+    def paged_prefill_attention(self, q, k_cache, v_cache, block_tables, query_start_loc,
+                                context_lens, scale):
+        bs, out = k_cache.shape[1], torch.empty_like(q)
+        qsl = query_start_loc.tolist()
+        for s, n in enumerate(context_lens.tolist()):
+            table = block_tables[s].tolist()
+            k = torch.stack([k_cache[table[p // bs], p % bs] for p in range(n)])
+            v = torch.stack([v_cache[table[p // bs], p % bs] for p in range(n)])
+            a, b = qsl[s], qsl[s + 1]
+            out[a:b] = causal_attention(q[None, a:b], k[None], v[None], q_offset=n - (b - a))[0]
+        return out
+
+    def paged_decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, scale):
+        qsl = torch.arange(q.shape[0] + 1)
+        return self.paged_prefill_attention(q, k_cache, v_cache, block_tables, qsl, context_lens, scale)
+
+
+def _run(llm, prompts, n=6):
+    outs = llm.generate(prompts, SamplingParams(max_tokens=n, **GREEDY), use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs], [o.num_cached_tokens for o in outs]
+
+
+# ---- the tests -------------------------------------------------------------------------------
+def test_a_student_block_allocator_serves_the_engine(model64, reference):
+    prompts = _prompts([5, 13, 9, 22], seed=1)
+    llm = LLM(model64, prefix_cache=FreeList(12, 4), max_model_len=64)      # small: preemption
+    assert llm.num_kv_blocks == 12 and llm.block_size == 4
+    toks, _ = _run(llm, prompts, 10)
+    assert toks == [reference(p, 10) for p in prompts]
+    assert llm.get_metrics()["num_preemptions"] > 0 and len(llm.block_manager.free) == 12
+    with pytest.raises(ValueError, match="prefix_cache.*lookup"):
+        LLM(model64, prefix_cache=object())
+
+
+@pytest.mark.parametrize("policy", ["shortest_prompt_first", lambda waiting: waiting[::-1]])
+def test_scheduling_policy_by_name_or_callable(model64, reference, policy):
+    prompts = _prompts([9, 3, 14, 6], seed=2)
+    llm = LLM(model64, block_size=4, num_kv_blocks=64, max_model_len=64, max_num_seqs=1,
+              scheduling_policy=policy)
+    order = []
+    for i, p in enumerate(prompts):
+        llm.add_request(p, SamplingParams(max_tokens=2, **GREEDY), request_id=str(i))
+    while llm.has_unfinished_requests():
+        order += [o.request_id for o in llm.step() if o.finished]
+    assert order == (["1", "3", "0", "2"] if policy == "shortest_prompt_first" else ["3", "2", "1", "0"])
+    with pytest.raises(ValueError, match="scheduling_policy"):
+        LLM(model64, num_kv_blocks=8, max_model_len=64, scheduling_policy="nope")
+
+
+def test_a_codec_runs_as_the_kv_format(model64, reference):
+    prompts = _prompts([7, 18, 3], seed=3)
+    ref = LLM(model64, block_size=4, num_kv_blocks=32, max_model_len=64, kv_cache_dtype="int8")
+    mine = LLM(model64, block_size=4, num_kv_blocks=32, max_model_len=64, kv_cache_dtype=Int8PerToken())
+    assert mine.bytes_per_block == ref.bytes_per_block
+    assert _run(mine, prompts) == _run(ref, prompts)
+    half = LLM(model64, block_size=4, kv_cache_memory_bytes=1 << 16, max_model_len=64, kv_cache_dtype=Half())
+    auto = LLM(model64, block_size=4, kv_cache_memory_bytes=1 << 16, max_model_len=64)
+    assert half.num_kv_blocks == 4 * auto.num_kv_blocks      # float64 model: float16 is 4x denser
+    assert half.kv_cache_bytes_allocated <= 1 << 16
+    toks, _ = _run(half, prompts)
+    assert sum(t == reference(p, 6) for t, p in zip(toks, prompts)) >= 2   # float16 may flip a tie
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        LLM(model64, num_kv_blocks=8, max_model_len=64, kv_cache_dtype="int3")
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_an_attention_backend_object(model64, kv_cache_dtype):
+    prompts = _prompts([6, 11], seed=4)
+    kw = dict(block_size=4, num_kv_blocks=32, max_model_len=64, kv_cache_dtype=kv_cache_dtype)
+    assert _run(LLM(model64, attention_backend=LoopBackend(), **kw), prompts) == \
+        _run(LLM(model64, **kw), prompts)
+    with pytest.raises(ValueError, match="attention_backend"):
+        LLM(model64, num_kv_blocks=8, max_model_len=64, attention_backend=object())
+
+
+def test_radix_prefix_cache_equals_the_block_hash_cache(model64, reference):
+    prompts = _prompts([3, 9, 6, 12, 1, 7], seed=5, shared=21)
+    radix = LLM(model64, prefix_cache="radix", num_kv_blocks=400, max_model_len=64)
+    block = LLM(model64, block_size=4, num_kv_blocks=100, max_model_len=64)
+    assert isinstance(radix.block_manager, RadixCache) and radix.block_size == 1
+    got = {}
+    for name, llm in (("radix", radix), ("hash", block)):
+        toks, cached = [], []
+        for batch in (prompts[:1], prompts[1:]):       # the first request computes the prefix
+            t, c = _run(llm, batch)
+            toks += t
+            cached += c
+        got[name] = toks
+        assert cached[0] == 0 and all(c >= 20 for c in cached[1:])   # radix: 21, blocks of 4: 20
+        m = llm.get_metrics()
+        assert m["prefix_cache_hits"] == sum(cached) and m["prefix_cache_queries"] > 0
+    assert got["radix"] == got["hash"] == [reference(p, 6) for p in prompts]
+    assert radix.reset_prefix_cache() and block.reset_prefix_cache()
+    assert _run(radix, prompts[1:2])[1] == [0] and _run(block, prompts[1:2])[1] == [0]
+    with pytest.raises(ValueError, match="radix"):
+        LLM(model64, prefix_cache="radix", kv_cache_dtype="int4", max_model_len=64, num_kv_blocks=64)
+
+
+def test_reset_prefix_cache_refuses_while_requests_hold_blocks(model64):
+    llm = LLM(model64, block_size=4, num_kv_blocks=32, max_model_len=64)
+    p = _prompts([12], seed=6)[0]
+    llm.generate([p], SamplingParams(max_tokens=2, **GREEDY), use_tqdm=False)
+    llm.add_request(p, SamplingParams(max_tokens=4, **GREEDY))
+    llm.step()
+    assert llm.reset_prefix_cache() is False
+    while llm.has_unfinished_requests():
+        llm.step()
+    assert llm.reset_prefix_cache() is True and len(llm.block_manager.cached) == 0
