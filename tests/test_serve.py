@@ -348,7 +348,7 @@ def test_overload_gets_503_and_shutdown_is_clean(tiny_folder):
                 "--max-queue-len", "2", "--threads", "1", "--log-level", "warning",
                 "--timeout-graceful-shutdown", "2"], env={"OMP_NUM_THREADS": "1"})
     try:
-        body = {"model": "tiny", "prompt": "cache block", "max_tokens": 60, "ignore_eos": True}
+        body = {"model": "tiny", "prompt": "cache block", "max_tokens": 30, "ignore_eos": True}
 
         async def burst():
             async with httpx.AsyncClient(base_url=s.url, timeout=120) as client:

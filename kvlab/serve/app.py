@@ -196,19 +196,21 @@ def build_app(llm, model_name: str, max_waiting: int = 256, max_body_bytes: int 
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         rids = [f"{rid}-{i}" for i in range(len(prompts))]
         queue: asyncio.Queue = asyncio.Queue()
-        submitted = []
-        try:
-            for r, p, sp in zip(rids, prompts, params):
-                await engine.submit(p, sp, r, req.cache_salt, arrival, queue)
-                submitted.append(r)
-        except ValueError as e:
-            for r in submitted:
-                engine.abort(r)
-            raise RequestError(str(e), "prompt") from None
-        except BaseException:   # overloaded, or the client left while waiting for the step boundary
+        try:   # all prompts reach the engine at the same step boundary
+            results = await asyncio.gather(*(engine.submit(p, sp, r, req.cache_salt, arrival, queue)
+                                             for r, p, sp in zip(rids, prompts, params)), return_exceptions=True)
+        except BaseException:   # the client left while waiting for the step boundary
             for r in rids:
                 engine.abort(r)
             raise
+        errors = [e for e in results if isinstance(e, BaseException)]
+        if errors:   # a bad prompt (ValueError from the engine) or overload: none of them runs
+            for r in rids:
+                engine.abort(r)
+            bad = next((e for e in errors if isinstance(e, ValueError)), None)
+            if bad is not None:
+                raise RequestError(str(bad), "prompt") from None
+            raise errors[0]
         index = {r: i for i, r in enumerate(rids)}
         if req.stream:
             return StreamingResponse(stream(req, rid, rids, index, queue, chat, params),
