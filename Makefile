@@ -17,7 +17,7 @@ PYTEST_WORKERS ?= 2
 # Student notebooks (the course); masters are in notebooks/masters/ and are tested through otter.
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: help venv course test book book-deps book-test lab lab-root-check students grade lint clean
+.PHONY: help venv course test book book-deps book-test lab lab-root-check students grade release lint clean
 
 help:
 	@echo "make course   run every notebook into build/ and regenerate figures/"
@@ -27,6 +27,7 @@ help:
 	@echo "make grade SUBMISSIONS=folder   grade a folder of submitted notebooks"
 	@echo "make book     the executed chapters (build/course) as a static site: build/book/src/_build/html"
 	@echo "make book-test  every chapter run small, the site built and opened in headless Chromium"
+	@echo "make release  student distribution + one Gradescope autograder per chapter (build/release/)"
 	@echo "make lint     ruff"
 
 venv: $(STAMP)
@@ -94,6 +95,9 @@ students: venv
 
 grade: venv
 	$(PY) -m kvlab.course.grade $(SUBMISSIONS) --out $(GRADE_OUT) --timeout $(GRADE_TIMEOUT)
+
+release: venv
+	$(PY) -m kvlab.course.release --out build/release
 
 lint: venv
 	$(PY) -m ruff check kvlab tests benchmarks

@@ -19,6 +19,19 @@ possible; the count of identical requests is reported).
     python benchmarks/engine_cpu.py --threads 1     # one torch thread on both sides (a shared machine)
 
 Results: benchmarks/results/engine_cpu.json and .md (machine, date, versions, command, load).
+
+`--peer vllm` compares kvlab with vLLM's CPU backend instead (issue 17), in float32 and bfloat16,
+on the same weights (the course model exported as a Hugging Face folder): batch 1 (16-token prompt
++ 64 tokens) and 16 mixed requests (prompts 32-512 tokens, outputs 16-128), greedy, ignore_eos, no
+prefix caching (repetitions redo the same work). vLLM runs in its own venv as a subprocess
+(benchmarks/peers/; create it with `bash benchmarks/peers/vllm_cpu_env.sh`); without it the peer is
+skipped with a message. The engines take turns in one run (kvlab, vLLM, kvlab, vLLM, ...) for
+--repeats rounds and the medians are reported, with the load average: the course machine is shared.
+Greedy outputs are compared with kvlab's float32 reference path.
+
+    python benchmarks/engine_cpu.py --peer vllm --threads 2 [--kvlab-variants reference,fast]
+
+Results: benchmarks/results/engine_cpu_vllm.json and .md.
 """
 from __future__ import annotations
 
@@ -98,8 +111,19 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for both sides (default: torch's own choice)")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "engine_cpu"))
+    ap.add_argument("--out", default=None, help="results path without extension "
+                    "(default benchmarks/results/engine_cpu, or engine_cpu_vllm with --peer vllm)")
+    ap.add_argument("--peer", choices=["hf", "vllm"], default="hf")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="--peer vllm: model dtypes")
+    ap.add_argument("--repeats", type=int, default=3, help="--peer vllm: rounds of alternation")
+    ap.add_argument("--kvlab-variants", default="reference,fast",
+                    help="--peer vllm: kvlab paths to time (reference = the chapters' paths, "
+                         "fast = kvlab.model.fast's fused CPU path)")
+    ap.add_argument("--vllm-eager", action="store_true", help="vLLM with enforce_eager (no torch.compile)")
     args = ap.parse_args(argv)
+    if args.peer == "vllm":
+        return vs_vllm(args, argv)
+    args.out = args.out or os.path.join(ROOT, "benchmarks", "results", "engine_cpu")
     load_at_start = os.getloadavg()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -184,6 +208,145 @@ def main(argv=None):
         f.write(f"\nIdentical greedy outputs, kvlab vs HF one-at-a-time: {checks['kvlab_equals_hf_one_at_a_time']}"
                 f"/{len(reqs)}.\n")
     print(f"wrote {args.out}.json and .md")
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
+def _kvlab_llm(variant, model, tok, num_requests):
+    import kvlab
+
+    if variant == "fast":
+        from kvlab.model.fast import FastLlama
+
+        model = FastLlama.from_llama(model)
+    return kvlab.LLM((model, tok), max_model_len=1024, max_num_seqs=num_requests,
+                     enable_prefix_caching=False)
+
+
+def vs_vllm(args, argv):
+    """kvlab vs vLLM's CPU backend, float32 and bfloat16, engines alternating, medians of --repeats."""
+    import platform
+    import subprocess
+
+    import kvlab
+    from kvlab.machine import machine_info
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "peers"))
+    import vllm_peer
+
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", "engine_cpu_vllm")
+    threads = args.threads or 2
+    torch.set_num_threads(threads)
+    uptime = lambda: subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()  # noqa: E731
+    load_at_start, uptime_start = os.getloadavg(), uptime()
+    smoke = args.smoke
+    _, tok = kvlab.load_model(tokenizer=True)
+    b1 = make_workload(tok, 1, (16, 16), (64, 64) if not smoke else (4, 4), args.seed + 1)
+    mixed = make_workload(tok, args.num_requests if not smoke else 4, (32, 512) if not smoke else (8, 32),
+                          (16, 128) if not smoke else (2, 6), args.seed)
+    workloads = {"batch 1": b1, f"{len(mixed)} mixed": mixed}
+    why_not = vllm_peer.missing()
+    if why_not:
+        print(f"vLLM peer skipped: {why_not}")
+    variants = [v for v in args.kvlab_variants.split(",") if v]
+    times: dict = {}      # (dtype, engine, workload) -> [seconds]
+    outputs: dict = {}    # (dtype, engine, workload) -> token ids (last round)
+    vllm_info = {}
+    log_path = out + "_vllm.log"
+    def write(final):
+        ref_key = "kvlab reference" if "reference" in variants else f"kvlab {variants[0]}"
+        rows = []
+        for (dtype_name, name, wname), ts in times.items():
+            reqs = workloads[wname]
+            n = sum(m for _, m in reqs)
+            ref = outputs.get(("float32", ref_key, wname))
+            got = outputs[(dtype_name, name, wname)]
+            same = None if ref is None else sum(a == b for a, b in zip(got, ref))
+            rows.append(dict(dtype=dtype_name, engine=name, workload=wname, output_tokens=n,
+                             seconds=[round(t, 3) for t in ts], median_seconds=round(_median(ts), 3),
+                             median_tok_s=round(n / _median(ts), 2), same_as_fp32_reference=same,
+                             num_requests=len(reqs)))
+        for row in rows:   # ratio to vLLM in the same dtype and workload
+            v = next((x for x in rows if x["engine"] == "vLLM CPU" and x["dtype"] == row["dtype"]
+                      and x["workload"] == row["workload"]), None)
+            row["vs_vllm"] = None if v is None else round(row["median_tok_s"] / v["median_tok_s"], 3)
+
+        versions = dict(torch=torch.__version__, kvlab=kvlab.__version__, python=platform.python_version())
+        if vllm_info:
+            versions["vllm"] = next(iter(vllm_info.values()))["vllm"]
+            versions["vllm_torch"] = next(iter(vllm_info.values()))["torch"]
+        record = dict(
+            benchmark="engine_cpu_vllm",
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            command="python " + " ".join([os.path.relpath(__file__, ROOT)]
+                                         + (argv if argv is not None else sys.argv[1:])),
+            machine=machine_info(), threads=threads, uptime_start=uptime_start, uptime_end=uptime(),
+            load_average_start=load_at_start, load_average_end=os.getloadavg(), versions=versions,
+            vllm=vllm_info or f"skipped: {why_not}", vllm_eager=args.vllm_eager,
+            workload=dict(batch1_prompt_len=len(b1[0][0]), batch1_tokens=b1[0][1],
+                          mixed_prompt_lens=[len(p) for p, _ in mixed], mixed_output_lens=[m for _, m in mixed],
+                          seed=args.seed, greedy=True, ignore_eos=True, prefix_caching=False),
+            repeats=args.repeats, results=rows, smoke=smoke, complete=final,
+            goal="kvlab >= 1.0x vLLM CPU, float32 and bfloat16, batch 1 and 16 mixed; float32 greedy "
+                 "outputs identical to the float32 reference")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out + ".json", "w") as f:
+            json.dump(record, f, indent=2, default=str)
+        loaded = max(load_at_start[0], record["load_average_end"][0]) > 1.5 * threads
+        with open(out + ".md", "w") as f:
+            f.write(f"# engine_cpu_vllm: kvlab.LLM vs vLLM's CPU backend\n\n`{record['command']}`, {record['date']}, "
+                    f"{record['machine'].get('cpu', record['machine'])}, {threads} threads; versions {versions}; "
+                    + (f"vLLM {'enforce_eager' if args.vllm_eager else 'default (torch.compile)'}.\n\n"
+                   if not why_not else f"**vLLM peer skipped: {why_not}.**\n\n")
+                    + f"Load: `{uptime_start}` at start, `{record['uptime_end']}` at end. "
+                    + ("**The machine was loaded (other jobs running): absolute numbers are low and noisy; "
+                       "read the ratios within this run.**" if loaded else "") +
+                    f"\n\nMedian of {args.repeats} alternating rounds; tok/s = requested output tokens / wall "
+                    "seconds of the generate call.\n\n"
+                    "| dtype | workload | engine | tok/s (median) | x vLLM | greedy = fp32 reference "
+                    "| seconds per round |\n"
+                    "|---|---|---|---|---|---|---|\n")
+            for r in sorted(rows, key=lambda r: (r["dtype"] != "float32", r["workload"], r["engine"])):
+                f.write(f"| {r['dtype']} | {r['workload']} | {r['engine']} | {r['median_tok_s']} | "
+                        f"{'' if r['vs_vllm'] is None else str(r['vs_vllm']) + 'x'} | "
+                        f"{r['same_as_fp32_reference']}/{r['num_requests']} | {r['seconds']} |\n")
+
+    for dtype_name in [d for d in args.dtypes.split(",") if d]:
+        dtype = getattr(torch, dtype_name)
+        model, _ = kvlab.load_model(dtype=dtype)
+        llms = {f"kvlab {v}": _kvlab_llm(v, model, tok, len(mixed)) for v in variants}
+        peer = None
+        if not why_not:
+            print(f"starting vLLM ({dtype_name}); its log: {log_path}", flush=True)
+            peer = vllm_peer.VLLMPeer(dtype_name, threads, eager=args.vllm_eager, log_path=log_path)
+            vllm_info[dtype_name] = peer.info
+            print(f"vLLM ready: {peer.info}", flush=True)
+        engines = {name: (lambda reqs, llm=llm: timed(kv_generate, llm, reqs)) for name, llm in llms.items()}
+        if peer is not None:
+            engines["vLLM CPU"] = lambda reqs, peer=peer: peer.run([p for p, _ in reqs], [m for _, m in reqs])
+        for run in engines.values():   # warm-up: lazy initialisation, allocator growth, compiles
+            run([(b1[0][0], 2)])
+            run(mixed[:2])
+        for r in range(args.repeats):
+            for wname, reqs in workloads.items():
+                for name, run in engines.items():
+                    t, ids = run(reqs)
+                    times.setdefault((dtype_name, name, wname), []).append(t)
+                    outputs[(dtype_name, name, wname)] = [list(x) for x in ids]
+                    n = sum(m for _, m in reqs)
+                    print(f"round {r} {dtype_name:9s} {name:15s} {wname:9s} {n / t:7.1f} tok/s  "
+                          f"(load {os.getloadavg()[0]:.1f})", flush=True)
+        if peer is not None:
+            peer.close()
+        del llms, model
+        write(final=False)   # after each dtype: a run cut short keeps what it measured
+    write(final=True)
+
+    print(open(out + ".md").read())
+    print(f"wrote {out}.json and .md")
 
 
 if __name__ == "__main__":

@@ -17,3 +17,7 @@ def main(argv=None) -> None:
     from kvlab.serve.cli import main as serve
 
     serve(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from kvlab.cache.contiguous import ConcatKVCache, ContiguousKVCache
+from kvlab.engine.sampling import filter_logits
 
 CACHE_KINDS = ("prealloc", "concat")
 
@@ -51,17 +52,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     _check_sampling(temperature, top_k, top_p, logits.shape[-1])
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the tokens ranked before it already reach top_p (the first always stays)
-        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+    logits = filter_logits(logits, temperature, top_k, top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 

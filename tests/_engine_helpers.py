@@ -1,8 +1,28 @@
-"""Shared by the block-manager, prefix-cache and radix-cache tests."""
+"""Shared by the engine's tests: random prompts, greedy sampling, the clean-engine check, and the
+block-manager / prefix-cache / radix-cache machinery."""
 from dataclasses import dataclass, field
 
+import torch
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
+
+#: SamplingParams keywords of a greedy request that runs to max_tokens
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+def random_prompts(lengths, seed=0, vocab=256, shared=0):
+    """One random prompt per length, seeded; `shared` tokens in front of every one of them."""
+    g = torch.Generator().manual_seed(seed)
+    head = torch.randint(0, vocab, (shared,), generator=g).tolist()
+    return [head + torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def assert_all_free(llm):
+    """Nothing held: every block free, every reference count zero, no request left."""
+    bm = llm.block_manager
+    assert bm.num_free_blocks == llm.num_kv_blocks
+    assert all(b.ref_count == 0 for b in bm.blocks)
+    assert not llm.has_unfinished_requests()
 
 
 @dataclass

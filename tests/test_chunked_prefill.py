@@ -5,18 +5,11 @@ budget holds every step; running decodes get a token every step while a long pro
 a prompt's blocks reach the prefix cache only once computed. Random workloads with chunking run
 through the hypothesis test in tests/test_scheduler.py."""
 import pytest
+from _engine_helpers import GREEDY
+from _engine_helpers import random_prompts as _prompts
 
 from kvlab import LLM, SamplingParams
 from kvlab.engine.model_runner import ModelRunner
-
-GREEDY = dict(temperature=0, ignore_eos=True)
-
-
-def _prompts(lengths, seed=0):
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
 
 
 class CountingRunner(ModelRunner):

@@ -2,8 +2,10 @@
 
 tests/data/grading/ holds a two-question master (99_grader_fixture: q1 2 points, q2 1 point, each
 with a public and a hidden test) and submissions: a correct one, a wrong one (passes q1's public
-test only), one whose kernel dies, one with a cell that raises, a file that is not a notebook, and
-(in hanging/) one that never finishes.
+test only: all or nothing, it scores 0), one with a cell that kills the kernel and one with a cell
+that raises (the notebook is not run: only the answers are graded), one that tampers (patches,
+a fake-equal result, a redefined grader), a file that is not a notebook, and (in hanging/) one
+whose answer never returns.
 """
 import csv
 import hashlib
@@ -63,12 +65,14 @@ def test_grades_a_folder_and_reports_every_submission(assign_dir, tmp_path):
     ok = rows["alice_correct"]
     assert (ok["q1_square"], ok["q2_mean"], ok["total"], ok["possible"], ok["status"]) == (
         "2", "1", "3", "3", "ok")
-    wrong = rows["bob_wrong"]  # public test of q1 passes, hidden fails: otter gives half the points
-    assert (wrong["q1_square"], wrong["q2_mean"], wrong["total"], wrong["status"]) == ("1", "0", "1", "ok")
-    crash = rows["carol_crash"]
-    assert crash["status"].startswith("crashed") and crash["total"] == "0" and crash["possible"] == "3"
+    wrong = rows["bob_wrong"]  # q1's public test passes, its hidden test fails: all or nothing
+    assert (wrong["q1_square"], wrong["q2_mean"], wrong["total"], wrong["status"]) == ("0", "0", "0", "ok")
+    crash = rows["carol_crash"]  # os._exit in a cell that is not an answer: never run
+    assert (crash["q1_square"], crash["q2_mean"], crash["status"]) == ("2", "0", "ok")
     raises = rows["dave_raises"]
-    assert raises["status"] == "ok, 1 cell(s) raised an error" and raises["q1_square"] == "2"
+    assert raises["status"] == "ok" and raises["q1_square"] == "2"
+    tamper = rows["mallory_tampers"]
+    assert (tamper["total"], tamper["status"]) == ("0", "ok")
     bad = rows["erin_not_a_notebook"]
     assert bad["status"].startswith("not a notebook") and bad["total"] == "0"
 
@@ -76,6 +80,8 @@ def test_grades_a_folder_and_reports_every_submission(assign_dir, tmp_path):
         report = (tmp_path / "out" / "reports" / f"{student}.txt").read_text()
         assert f"student: {student}" in report
     assert "assert square(-4) == 16" in (tmp_path / "out" / "reports" / "bob_wrong.txt").read_text()
+    mallory = (tmp_path / "out" / "reports" / "mallory_tampers.txt").read_text()
+    assert "__eq__ is not allowed" in mallory and "'builtins' is not allowed" in mallory
 
 
 def test_a_hanging_submission_is_killed_at_the_timeout(assign_dir, tmp_path):
@@ -110,5 +116,7 @@ def test_an_empty_folder_gives_an_empty_gradebook(tmp_path):
 
 def test_questions_and_points_come_from_the_autograder(assign_dir):
     assert grade.questions_of(assign_dir / "99_grader_fixture" / "autograder.zip") == {
+        "q1_square": 2.0, "q2_mean": 1.0}
+    assert grade.questions_of(assign_dir / "99_grader_fixture" / "grading.json") == {
         "q1_square": 2.0, "q2_mean": 1.0}
     assert os.path.exists(assign_dir / "99_grader_fixture" / "student" / "99_grader_fixture.ipynb")

@@ -10,13 +10,12 @@
 """
 import pytest
 import torch
+from _engine_helpers import GREEDY
 
 from kvlab import LLM, SamplingParams
 from kvlab.engine.block_manager import BlockManager
 from kvlab.engine.scheduler import Scheduler
 from kvlab.engine.sequence import Sequence
-
-GREEDY = dict(temperature=0, ignore_eos=True)
 
 
 def _prompt(n, seed=0):

@@ -5,25 +5,12 @@ engine must produce the same greedy tokens whatever the batch, block size or pre
 """
 
 import pytest
-import torch
+from _engine_helpers import GREEDY
+from _engine_helpers import assert_all_free as _assert_all_free
+from _engine_helpers import random_prompts as _prompts
 
 import kvlab
 from kvlab import LLM, SamplingParams
-
-
-def _prompts(lengths, seed=0, vocab=256):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-GREEDY = dict(temperature=0, ignore_eos=True)
-
-
-def _assert_all_free(llm):
-    bm = llm.block_manager
-    assert bm.num_free_blocks == llm.num_kv_blocks
-    assert all(b.ref_count == 0 for b in bm.blocks)
-    assert not llm.has_unfinished_requests()
 
 
 @pytest.mark.parametrize("block_size,num_blocks", [(16, 64), (4, 24), (1, 90), (128, 4)])

@@ -3,19 +3,13 @@ documented protocol, with no kvlab base class. A plugged-in part must serve the 
 give the reference's greedy tokens; the radix cache must give the block-hash cache's tokens."""
 import pytest
 import torch
+from _engine_helpers import GREEDY
+from _engine_helpers import random_prompts as _prompts
 
 from kvlab import LLM, SamplingParams
 from kvlab.cache.base import causal_attention
 from kvlab.cache.codec import Int8PerToken
 from kvlab.engine.radix_cache import RadixCache
-
-GREEDY = dict(temperature=0, ignore_eos=True)
-
-
-def _prompts(lengths, seed=0, shared=0):
-    g = torch.Generator().manual_seed(seed)
-    head = torch.randint(0, 256, (shared,), generator=g).tolist()
-    return [head + torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
 
 
 # ---- the smallest objects that satisfy each protocol (docs/architecture.md shows them) ----------

@@ -6,18 +6,12 @@ the engine's own state; prefix-cache hits show up as a later start and shared le
 """
 
 import pytest
-import torch
+from _engine_helpers import GREEDY
+from _engine_helpers import random_prompts as _prompts
 
 from kvlab import LLM, SamplingParams
 from kvlab.engine.model_runner import ModelRunner
 from kvlab.engine.trace import EngineTracer, TracingRunner
-
-GREEDY = dict(temperature=0, ignore_eos=True)
-
-
-def _prompts(lengths, seed=0, vocab=256):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
 def _run(llm, prompts, max_tokens, tracer=None):

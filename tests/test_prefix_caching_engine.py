@@ -9,10 +9,9 @@ where the model sees them: the width of every packed forward pass.
 
 import pytest
 import torch
+from _engine_helpers import GREEDY
 
 from kvlab import LLM, SamplingParams
-
-GREEDY = dict(temperature=0, ignore_eos=True)
 
 
 def _tokens(n, seed):

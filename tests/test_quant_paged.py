@@ -3,6 +3,8 @@ import copy
 
 import pytest
 import torch
+from _engine_helpers import GREEDY
+from _engine_helpers import random_prompts as _prompts
 
 from kvlab import LLM, SamplingParams
 from kvlab.cache.paged import AttentionMetadata
@@ -11,14 +13,6 @@ from kvlab.quant.paged import QuantizedPagedKVCache
 from kvlab.quant.sim import FakeQuantKVCache
 
 FORMATS = ["int8", "fp8", "int4", "int2"]
-GREEDY = dict(temperature=0, ignore_eos=True)
-
-
-def _prompts(lengths, seed=0, vocab=256):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
 @torch.no_grad()
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_decode_equals_fake_quant_twin(tiny_model, fmt):

@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+from _engine_helpers import GREEDY
+from _engine_helpers import random_prompts as _prompts
 
 from kvlab import LLM, SamplingParams
 from kvlab.cache.paged import AttentionMetadata
@@ -16,14 +18,6 @@ from kvlab.quant.sim import FakeQuantKVCache
 from kvlab.quant.sink import sink_blocks
 
 FORMATS = ["int8", "fp8", "int4", "int2"]
-GREEDY = dict(temperature=0, ignore_eos=True)
-
-
-def _prompts(lengths, seed=0, vocab=256):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
 def _calibration(c, smooth):
     """fp8 with per-head scales and, if `smooth`, a random key shift per layer (stored minus it)."""
     g = torch.Generator().manual_seed(5)

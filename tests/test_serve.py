@@ -418,3 +418,21 @@ def test_load_trace_is_seeded_and_shares_system_prompts():
     s = summarize(results, jobs, ttft_slo=2.0, tpot_slo=0.2)
     assert s["completed"] == 3 and s["failed"] == 1 and s["errors"] == ["HTTP 503"]
     assert s["goodput"] == 2 / (10.0 - a[0].arrival) and s["slo_attainment"] == 0.5
+
+
+def test_kvlab_serve_command_line():
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(sys.executable), "kvlab")   # the console script of pyproject.toml
+    cmd = [script] if os.path.exists(script) else [sys.executable, "-m", "kvlab.cli"]
+    out = subprocess.run([*cmd, "serve", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for flag in ("--max-model-len", "--kv-cache-dtype", "--enable-prefix-caching", "--no-enable-prefix-caching",
+                 "--block-size", "--max-num-seqs", "--max-num-batched-tokens", "--attention-backend", "--host",
+                 "--port", "--max-queue-len"):
+        assert flag in out.stdout, flag
+    bad = subprocess.run([*cmd, "serve", "--kv-cache-dtype", "int3"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "int3" in bad.stderr
+    assert subprocess.run([*cmd, "launch"], capture_output=True, text=True, timeout=60).returncode == 2

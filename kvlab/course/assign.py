@@ -81,9 +81,43 @@ def prepare_master(master: Path, dest_dir: Path) -> Path:
     config = yaml.safe_load(body) or {}
     config.update(ENFORCED)
     nb.cells[i].source = "# ASSIGNMENT CONFIG\n" + yaml.safe_dump(config, sort_keys=True).strip()
+    label_prompts(nb)
     out = dest_dir / master.name
     nbformat.write(nb, out)
     return out
+
+
+def label_prompts(nb) -> None:
+    """Append each question's label (difficulty, study time, points, what is not allowed: from its
+    BEGIN QUESTION yaml) to its prompt, the first markdown cell of the question."""
+    from kvlab.course.questions import label
+
+    conf = None
+    for cell in nb.cells:
+        src = cell.source.strip()
+        if cell.cell_type == "raw" and src.startswith("# BEGIN QUESTION"):
+            conf = yaml.safe_load(src.split("\n", 1)[1]) if "\n" in src else {}
+            conf["forbid"] = [str(t) for t in conf.get("forbid") or []]
+        elif cell.cell_type == "markdown" and conf is not None:
+            if any(conf.get(k) for k in ("difficulty", "minutes", "forbid")):
+                cell.source = cell.source.rstrip() + "\n\n" + label(conf)
+            conf = None
+
+
+def write_spec(master: Path, out_dir: Path, autograder: Path | None = None) -> Path:
+    """build/assign/NN_name/grading.json (the fresh-interpreter grader's spec), also put in the zip."""
+    import json
+    import zipfile
+
+    from kvlab.course.questions import chapter_spec
+
+    path = out_dir / "grading.json"
+    path.write_text(json.dumps(chapter_spec(master), indent=1))
+    if autograder is not None:
+        with zipfile.ZipFile(autograder, "a") as z:
+            if "grading.json" not in z.namelist():
+                z.write(path, "grading.json")
+    return path
 
 
 def run_otter_assign(master: Path, out_dir: Path, run_tests: bool = True, timeout: float = 1800) -> Path:
@@ -108,6 +142,7 @@ def run_otter_assign(master: Path, out_dir: Path, run_tests: bool = True, timeou
         raise AssignError(f"otter assign wrote no autograder zip for {master.name}")
     stable = out_dir / "autograder.zip"
     shutil.copyfile(zips[-1], stable)
+    write_spec(master, out_dir, stable)
     return stable
 
 

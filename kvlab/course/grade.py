@@ -1,18 +1,22 @@
 """Grade a folder of submitted notebooks locally, without Docker (`make grade SUBMISSIONS=folder`).
 
-Every `*.ipynb` in the folder is graded in its own process, with a timeout, against the autograder
-of its chapter (`build/assign/NN_name/autograder.zip`, made by `kvlab.course.assign` when missing).
-The chapter is read from the submission's `otter.Notebook("NN_name.ipynb")` line.
+Every `*.ipynb` in the folder is graded in its own fresh Python process (`kvlab.course.sandbox`),
+with a timeout. The chapter is read from the submission's `otter.Notebook("NN_name.ipynb")` line;
+its grading spec (questions, points, forbidden targets, public and hidden tests) comes from the
+master, through `build/assign/NN_name/grading.json` or the autograder zip that holds it.
 
-- Submissions are never modified: each is copied to a private temporary folder first.
-- A notebook that cannot be read, a kernel that dies, a submission that runs past the timeout: the
-  row says so in `status`, scores 0, and the next submission is graded.
+- The notebook itself is never run: from each answer cell (`kvlab.course.questions.solution_cells`)
+  only the imports and the function and class definitions are graded, against the master's tests,
+  so nothing else in the notebook (a patched `torch.allclose`, an edited test cell, a disabled
+  guard) can change a score. A question scores all its points or none (see `sandbox`).
+- Submissions are never modified: they are only read.
+- A notebook that cannot be read, a grading process that dies or runs past the timeout: the row
+  says so in `status`, scores 0, and the next submission is graded.
 - Output, in `--out` (default `build/grades/`): `gradebook.csv`, one row per student (the file name
   without `.ipynb`) and one column per question, then `total`, `possible`, `status`; and
-  `reports/<student>.txt`, the per-question results with otter's messages.
+  `reports/<student>.txt`, the per-question results with the failing test's message.
 
-Grading runs the notebooks with `KVLAB_SMOKE=1` (the sizes the masters are checked with), unless
-the environment already sets it.
+Grading runs with `KVLAB_SMOKE=1` unless the environment already sets it.
 """
 from __future__ import annotations
 
@@ -21,12 +25,12 @@ import csv
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,105 +64,103 @@ def chapter_of(notebook) -> str | None:
     return None
 
 
-def autograder_for(chapter: str, assign_dir: Path, masters: Path = MASTERS) -> Path:
-    """build/assign/<chapter>/autograder.zip, generated from the master if it is not there yet."""
-    zip_path = assign_dir / chapter / "autograder.zip"
-    if zip_path.exists():
-        return zip_path
-    master = masters / f"{chapter}.ipynb"
+def spec_for(chapter: str, assign_dir: Path, masters: Path = MASTERS) -> dict:
+    """The grading spec of a chapter: build/assign/<chapter>/grading.json, else read from the master."""
+    path = Path(assign_dir) / chapter / "grading.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    master = Path(masters) / f"{chapter}.ipynb"
     if not master.exists():
-        raise FileNotFoundError(f"no autograder {zip_path} and no master {master} to build it from")
-    from kvlab.course.assign import run_otter_assign
+        raise FileNotFoundError(f"no grading spec {path} and no master {master} to read it from")
+    from kvlab.course.questions import chapter_spec
 
-    return run_otter_assign(master, assign_dir / chapter, run_tests=False)
+    return chapter_spec(master)
 
 
-def questions_of(autograder: Path) -> dict[str, float]:
-    """{question: points possible} from the test files inside an autograder zip."""
-    import zipfile
+def load_spec(source) -> dict:
+    """A spec from a dict, a grading.json, a master notebook or an autograder zip holding grading.json."""
+    if isinstance(source, dict):
+        return source
+    source = Path(source)
+    if source.suffix == ".zip":
+        with zipfile.ZipFile(source) as z:
+            return json.loads(z.read("grading.json"))
+    if source.suffix == ".ipynb":
+        from kvlab.course.questions import chapter_spec
 
-    out = {}
-    with zipfile.ZipFile(autograder) as z:
-        for name in sorted(z.namelist()):
-            if name.startswith("tests/") and name.endswith(".py"):
-                scope: dict = {}
-                exec(z.read(name).decode(), scope)  # an otter OK-format file: `test = {...}`
-                test = scope["test"]
-                points = test.get("points")
-                points = 1 if points is None else points
-                out[test["name"]] = float(sum(points) if isinstance(points, list) else points)
-    return out
+        return chapter_spec(source)
+    return json.loads(source.read_text())
+
+
+def autograder_for(chapter: str, assign_dir: Path, masters: Path = MASTERS) -> dict:
+    """Kept for callers of the otter-era API: the chapter's grading spec."""
+    return spec_for(chapter, assign_dir, masters)
+
+
+def questions_of(source) -> dict[str, float]:
+    """{question: points possible} of a spec (or anything `load_spec` reads)."""
+    return {q["name"]: float(q["points"]) for q in load_spec(source)["questions"]}
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
     try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the worker and the kernel it started
+        os.killpg(proc.pid, signal.SIGKILL)  # the worker and anything it started
     except ProcessLookupError:
         pass
     proc.wait()
 
 
-def grade_one(submission: Path, autograder: Path, chapter: str, timeout: float) -> Grade:
-    """Grade one submission in a worker process (`--worker`), in a temporary folder."""
-    g = Grade(student=submission.stem, chapter=chapter)
-    g.possible = questions_of(autograder)
-    g.scores = {q: 0.0 for q in g.possible}
-    t0 = time.perf_counter()
+def run_sandbox(spec: dict, variants: list[dict[str, str]], timeout: float,
+                test_timeout: float = 120) -> tuple[list[dict] | None, str]:
+    """Grade `variants` (each {question: answer source}) in one fresh process.
+    Returns (results, "ok") or (None, why not)."""
     with tempfile.TemporaryDirectory(prefix="kvlab-grade-") as tmp:
-        work = Path(tmp) / f"{chapter}.ipynb"  # the name otter.Notebook(...) expects
-        shutil.copyfile(submission, work)
-        result = Path(tmp) / "result.json"
+        job, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job.write_text(json.dumps({"spec": spec, "variants": variants, "timeout": test_timeout}))
         env = dict(os.environ)
         env.setdefault("KVLAB_SMOKE", "1")
         env["KVLAB_FIGURES_DIR"] = str(Path(tmp) / "figures")
         env.setdefault("MPLBACKEND", "Agg")
-        cmd = [sys.executable, "-m", "kvlab.course.grade", "--worker", str(work), str(autograder),
-               str(result)]
+        cmd = [sys.executable, "-m", "kvlab.course.sandbox", str(job), str(result)]
         proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
         try:
             out, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
-            g.status = f"timeout: still running after {timeout:.0f} s"
-            g.report = g.status
-            g.seconds = time.perf_counter() - t0
-            return g
-        g.seconds = time.perf_counter() - t0
+            return None, f"timeout: still running after {timeout:.0f} s"
         if proc.returncode != 0 or not result.exists():
             last = (out or "").strip().splitlines()[-1:] or ["no output"]
-            g.status = f"crashed: grading process exited with {proc.returncode} ({last[0][:200]})"
-            g.report = f"{g.status}\n\n{out[-5000:] if out else ''}"
-            return g
-        data = json.loads(result.read_text())
-    g.scores.update({q: r["score"] for q, r in data["questions"].items()})
-    g.possible.update({q: r["possible"] for q, r in data["questions"].items()})
-    g.report = data["summary"]
-    if data.get("error"):
-        g.status = f"crashed: {data['error'][:200]}"
-    elif data["cells_with_errors"]:
-        g.status = f"ok, {data['cells_with_errors']} cell(s) raised an error"
+            return None, (f"crashed: grading process exited with {proc.returncode} ({last[0][:200]})"
+                          f"\n\n{(out or '')[-5000:]}")
+        return json.loads(result.read_text()), "ok"
+
+
+def grade_one(submission: Path, spec, chapter: str, timeout: float) -> Grade:
+    """Grade one submission in a fresh process (see the module docstring)."""
+    import nbformat
+
+    from kvlab.course.questions import solution_cells
+
+    spec = load_spec(spec)
+    g = Grade(student=Path(submission).stem, chapter=chapter)
+    g.possible = questions_of(spec)
+    g.scores = {q: 0.0 for q in g.possible}
+    t0 = time.perf_counter()
+    answers = solution_cells(nbformat.read(submission, as_version=4))
+    results, status = run_sandbox(spec, [answers], timeout)
+    g.seconds = time.perf_counter() - t0
+    if results is None:
+        g.status = status.split("\n\n")[0]
+        g.report = status
+        return g
+    lines = []
+    for q, r in results[0].items():
+        g.scores[q] = r["score"]
+        lines.append(f"{q}: {r['score']:g} / {r['possible']:g}"
+                     + "".join(f"\n    {m}" for m in r["messages"]))
+    g.report = "\n".join(lines)
     return g
-
-
-def worker(submission: str, autograder: str, result: str) -> int:
-    """Runs in the child process: otter's local runner, results written as JSON."""
-    from otter.run import main as otter_run
-
-    res = otter_run(submission, autograder=autograder, output_dir=None, no_logo=True)
-    errors = 0
-    if res.notebook is not None:
-        errors = sum(1 for c in res.notebook.cells if c.cell_type == "code"
-                     and any(o.get("output_type") == "error" for o in c.get("outputs", [])))
-    err = res.catastrophic_error
-    data = {
-        "questions": {n: {"score": tf.score, "possible": tf.possible} for n, tf in res.results.items()},
-        "summary": res.summary(),
-        "cells_with_errors": errors,
-        "error": f"{type(err).__name__}: {err}" if err else None,
-    }
-    Path(result).write_text(json.dumps(data, indent=1))
-    return 0
 
 
 def grade_folder(folder: Path, out_dir: Path, assign_dir: Path = BUILD / "assign",
@@ -183,11 +185,11 @@ def grade_folder(folder: Path, out_dir: Path, assign_dir: Path = BUILD / "assign
                 g = Grade(student=sub.stem, status="not a course notebook: no otter.Notebook(...) cell")
             else:
                 try:
-                    ag = autograder_for(chapter, assign_dir, masters)
+                    spec = spec_for(chapter, assign_dir, masters)
                 except Exception as e:
-                    g = Grade(student=sub.stem, chapter=chapter, status=f"no autograder: {e}")
+                    g = Grade(student=sub.stem, chapter=chapter, status=f"no grading spec: {e}")
                 else:
-                    g = grade_one(sub, ag, chapter, timeout)
+                    g = grade_one(sub, spec, chapter, timeout)
         if not g.report:
             g.report = g.status
         grades.append(g)
@@ -222,10 +224,48 @@ def write_gradebook(grades: list[Grade], out_dir: Path) -> Path:
     return path
 
 
+def gradescope(submission_dir: str, results: str, spec: str, timeout: float = 1800) -> int:
+    """Gradescope's `run_autograder` entry: grade the one notebook in `submission_dir` against
+    `spec` (grading.json) and write Gradescope's results.json (one test per question)."""
+    import nbformat
+
+    nbs = sorted(Path(submission_dir).glob("*.ipynb"))
+    tests, score = [], 0.0
+    spec_d = load_spec(Path(spec))
+    possible = questions_of(spec_d)
+    if not nbs:
+        output = "no .ipynb file in the submission"
+        tests = [{"name": q, "score": 0, "max_score": p, "output": output} for q, p in possible.items()]
+    else:
+        try:
+            nbformat.read(nbs[0], as_version=4)
+            g = grade_one(nbs[0], spec_d, Path(nbs[0]).stem, timeout)
+        except Exception as e:  # noqa: BLE001 - an unreadable notebook scores 0
+            g = Grade(student=nbs[0].stem, possible=possible, scores={q: 0.0 for q in possible},
+                      status=f"not a notebook: {type(e).__name__}")
+        msgs: dict[str, list[str]] = {}
+        current = None
+        for line in g.report.split("\n"):
+            if line and not line.startswith(" ") and ":" in line:
+                current = line.split(":")[0]
+                msgs[current] = []
+            elif line.startswith("    ") and current:
+                msgs[current].append(line.strip())
+        for q, p in possible.items():
+            ok = g.scores.get(q, 0.0) >= p
+            why = "\n".join(msgs.get(q, [])) or (g.status if g.status != "ok" else "")
+            tests.append({"name": q, "score": g.scores.get(q, 0.0), "max_score": p,
+                          "output": "passed" if ok else why[:2000]})
+        score = g.total
+    Path(results).parent.mkdir(parents=True, exist_ok=True)
+    Path(results).write_text(json.dumps({"score": score, "tests": tests}, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--worker"]:
-        return worker(*argv[1:4])
+    if argv[:1] == ["--gradescope"]:
+        return gradescope(*argv[1:4])
     ap = argparse.ArgumentParser(description="Grade a folder of submitted notebooks locally.")
     ap.add_argument("submissions", type=Path, help="a folder of .ipynb files")
     ap.add_argument("--out", type=Path, default=BUILD / "grades")

@@ -43,6 +43,26 @@ class SamplingParams:
         return self.temperature == 0
 
 
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """logits [..., V] divided by `temperature` (> 0), then cut to the `top_k` most likely tokens
+    and to the smallest set whose probability reaches `top_p` (the rest -inf), in float32.
+
+    The one filter of kvlab: `sample` below (the engine, SamplingParams' top_k = -1 means off) and
+    `kvlab.generate.sample_next` (top_k = None means off) both use it."""
+    x = logits.float() / temperature
+    if top_k is not None and 0 < top_k < x.shape[-1]:
+        kth = x.topk(top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        probs = sorted_x.softmax(dim=-1)
+        # drop a token when the tokens ranked before it already reach top_p (the top one stays)
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        x = x.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return x
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[int]:
     """logits [S, V] float32, one SamplingParams and optional generator per row -> S token ids."""
@@ -52,16 +72,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         if p.greedy:
             out.append(greedy[i])
             continue
-        row = logits[i].float() / p.temperature
-        if p.top_k > 0 and p.top_k < row.numel():
-            kth = torch.topk(row, p.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_logits, order = torch.sort(row, descending=True)
-            probs = torch.softmax(sorted_logits, dim=-1)
-            # drop a token when the tokens before it already reach top_p (the top one always stays)
-            drop = (probs.cumsum(-1) - probs) >= p.top_p
-            row = row.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+        row = filter_logits(logits[i], p.temperature, p.top_k if p.top_k > 0 else None, p.top_p)
         probs = torch.softmax(row, dim=-1)
         out.append(int(torch.multinomial(probs, 1, generator=generators[i])))
     return out

@@ -122,8 +122,3 @@ def build_model(cfg: LlamaConfig, state: dict, path: str, device="cpu", dtype=to
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     return model.to(device).eval()
-
-
-def load_gguf(path: str, device="cpu", dtype=torch.float32) -> Llama:
-    cfg, state = read_gguf_state(path)
-    return build_model(cfg, state, path, device, dtype)

@@ -35,7 +35,9 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(B, T, c.num_heads * c.head_dim))
 
 
-class Block(nn.Module):
+class DecoderLayer(nn.Module):
+    """One transformer layer: attention and MLP, each behind an RMSNorm, with residuals."""
+
     def __init__(self, cfg: LlamaConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -48,12 +50,15 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+Block = DecoderLayer   # the old name (chapter 00 imports it); a KV block is engine.block_manager.Block
+
+
 class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -92,8 +97,8 @@ class Llama(nn.Module):
             positions = positions.expand(B, T)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype=self.dtype)
         x = self.embed_tokens(input_ids)
-        for block in self.layers:
-            x = block(x, cos, sin, cache)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache)
         cache.advance(T)
         if last_only:
             x = x[:, -1:]

@@ -17,8 +17,7 @@ import torch
 from kvlab.quant import int4
 from kvlab.quant.common import DEFAULT_BLOCK_SIZE, KV_CACHE_DTYPES, check_kv_cache_dtype
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "KV_CACHE_DTYPES", "check_kv_cache_dtype", "bytes_per_block", "bytes_per_token",
-           "bytes_per_token_per_head"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "KV_CACHE_DTYPES", "check_kv_cache_dtype", "bytes_per_block", "bytes_per_token"]
 
 
 def _itemsize(model_dtype: torch.dtype | int) -> int:
@@ -69,22 +68,8 @@ def bytes_per_token(config, kv_cache_dtype: str = "auto", block_size: int | None
 
     A float, because int4 key scales are per block: with block_size 16 they add 16 bytes per token
     and head, with 32 (int4's default) they add 8. Not counted: fp8's per-layer scales (a few bytes per layer, not
-    per token) and int4's residual window (at most one full-precision block per sequence, see
-    `int4_residual_bytes_per_sequence`).
+    per token) and int4's residual rows (full-precision blocks; kvlab/engine/kv_budget.py counts
+    them in the engine's budget).
     """
     block_size = DEFAULT_BLOCK_SIZE[check_kv_cache_dtype(kv_cache_dtype)] if block_size is None else block_size
     return bytes_per_block(config, kv_cache_dtype, block_size, model_dtype) / block_size
-
-
-def bytes_per_token_per_head(head_dim: int, kv_cache_dtype: str, block_size: int | None = None,
-                             model_dtype: torch.dtype | int = torch.bfloat16) -> float:
-    """`bytes_per_token` for one layer and one KV head (the unit the layout table uses)."""
-    block_size = DEFAULT_BLOCK_SIZE[check_kv_cache_dtype(kv_cache_dtype)] if block_size is None else block_size
-    return bytes_per_block_per_head(head_dim, kv_cache_dtype, block_size, model_dtype) / block_size
-
-
-def int4_residual_bytes_per_sequence(config, block_size: int | None = None,
-                                     model_dtype: torch.dtype | int = torch.bfloat16) -> int:
-    """Worst-case full-precision residual of one sequence with int4: one partial block."""
-    block_size = DEFAULT_BLOCK_SIZE["int4"] if block_size is None else block_size
-    return bytes_per_block(config, "auto", block_size, model_dtype)

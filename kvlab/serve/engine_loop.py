@@ -132,7 +132,10 @@ class EngineLoop:
         self._submissions.clear()
         self.metrics.pending = 0
         for rid in list(self._tracked):
-            self.llm.abort_request(rid)
+            try:
+                self.llm.abort_request(rid)
+            except Exception:   # an engine whose step failed may fail here too; the handler still hears
+                log.exception("abort of %s failed", rid)
             self._finish(rid, "abort", time.perf_counter()).queue.put_nowait(Failure(message))
         self.metrics.snapshot = self.llm.get_metrics()
 

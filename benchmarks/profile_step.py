@@ -1,0 +1,66 @@
+"""Where one engine step's time goes on the CPU: torch.profiler over one decode step (batch 1 and
+a batch of 16) and one prefill of kvlab.LLM on the real model, top operators by self CPU time.
+
+    python benchmarks/profile_step.py --threads 2 [--dtype bfloat16] [--fast]
+
+Prints the tables; the results notes (benchmarks/results/engine_cpu_vllm_notes.md) quote them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--fast", action="store_true", help="kvlab.model.fast.FastLlama, not the reference Llama")
+    ap.add_argument("--rows", type=int, default=12)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from torch.profiler import ProfilerActivity, profile
+
+    import kvlab
+    from kvlab import SamplingParams
+
+    dtype = getattr(torch, args.dtype)
+    model, tok = kvlab.load_model(dtype=dtype)
+    if args.fast:
+        from kvlab.model.fast import FastLlama
+
+        model = FastLlama.from_llama(model)
+    llm = kvlab.LLM((model, tok), max_model_len=1024, enable_prefix_caching=False)
+    ids = tok.encode("The history of computing is a story of layers. " * 40)
+    print(f"load average {os.getloadavg()[0]:.2f}, {args.threads} threads, {args.dtype}, fast={args.fast}")
+
+    def prof(label, fn, reps=3):
+        fn()  # warm
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        wall = (time.perf_counter() - t) / reps
+        with profile(activities=[ProfilerActivity.CPU]) as p:
+            fn()
+        print(f"\n## {label}: {wall * 1e3:.1f} ms per call (median-free mean of {reps})")
+        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+    for batch, ctx in ((1, 80), (16, 300)):
+        for i in range(batch):
+            llm.add_request(ids[i:i + ctx], SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True))
+        llm.step()   # the prefill
+        prof(f"decode step, batch {batch}, context {ctx}", llm.step)
+        llm.abort_request([s.request_id for s in list(llm._seqs.values())])
+
+    def prefill():
+        rid = llm.add_request(ids[:256], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+        llm.step()
+        llm.abort_request(rid)
+    prof("prefill, one 256-token prompt", prefill)
+
+
+if __name__ == "__main__":
+    main()
