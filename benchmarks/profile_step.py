@@ -49,11 +49,11 @@ def main(argv=None):
         print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
     for batch, ctx in ((1, 80), (16, 300)):
-        for i in range(batch):
-            llm.add_request(ids[i:i + ctx], SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True))
+        rids = [llm.add_request(ids[i:i + ctx], SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True))
+                for i in range(batch)]
         llm.step()   # the prefill
         prof(f"decode step, batch {batch}, context {ctx}", llm.step)
-        llm.abort_request([s.request_id for s in list(llm._seqs.values())])
+        llm.abort_request(rids)
 
     def prefill():
         rid = llm.add_request(ids[:256], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
