@@ -22,8 +22,8 @@ pytestmark = [pytest.mark.slow,
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    out = Path(os.environ.get("KVLAB_BOOK_OUT") or tmp_path_factory.mktemp("book"))
-    return book.build(Path(EXECUTED), out)
+    out = Path(os.environ.get("KVLAB_BOOK_OUT") or tmp_path_factory.mktemp("book")).resolve()
+    return book.build(Path(EXECUTED).resolve(), out)
 
 
 @pytest.fixture(scope="module")
