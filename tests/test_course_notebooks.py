@@ -21,6 +21,7 @@ import pytest
 from kvlab.course.assign import assign
 from kvlab.course.grade import grade_one
 from kvlab.course.paths import MASTERS, NOTEBOOKS, chapters
+from kvlab.course.questions import is_hidden_test, test_lines
 
 MASTER_FILES = chapters(MASTERS)
 pytestmark = pytest.mark.slow
@@ -76,20 +77,23 @@ def solution_lines(master) -> set[str]:
 
 
 def hidden_test_lines(master) -> set[str]:
-    hidden, public = set(), set()
+    """Lines of the master's hidden tests (`# HIDDEN` or otter's `hidden: true` test config) that
+    appear nowhere else in the master: a line the narrative, a public test or a stub also holds is
+    shipped to students legitimately, so finding it in their notebook reveals nothing."""
+    hidden, other = set(), set()
     in_tests = False
     for cell in master.cells:
         src = cell.source.strip()
         if cell.cell_type == "raw":
             in_tests = src.startswith("# BEGIN TESTS") or (in_tests and not src.startswith("# END TESTS"))
             continue
-        if in_tests and cell.cell_type == "code":
-            lines = {ln.strip() for ln in cell.source.splitlines() if ln.strip()}
-            if src.startswith("# HIDDEN"):
-                hidden |= lines - {"# HIDDEN"}
-            else:
-                public |= lines
-    return {s for s in hidden - public if not s.startswith("#") and len(s) > 3}
+        if cell.cell_type != "code":
+            continue
+        if in_tests and is_hidden_test(src):
+            hidden |= set(test_lines(src))
+        else:
+            other |= {ln.strip() for ln in cell.source.splitlines() if ln.strip()}
+    return {s for s in hidden - other if not s.startswith("#") and len(s) > 3}
 
 
 def test_there_are_masters_and_each_has_a_committed_student_notebook():
@@ -125,7 +129,8 @@ class ChapterTests:
         student_text = (NOTEBOOKS / f"{chapter}.ipynb").read_text()
         student = _read(NOTEBOOKS / f"{chapter}.ipynb")
         code = "\n".join(c.source for c in student.cells) + json.dumps(student.metadata)
-        for marker in ("# BEGIN SOLUTION", "# END SOLUTION", "# SOLUTION", "# HIDDEN", "# BEGIN TESTS"):
+        for marker in ("# BEGIN SOLUTION", "# END SOLUTION", "# SOLUTION", "# HIDDEN", "# BEGIN TESTS",
+                       "# BEGIN TEST CONFIG"):
             assert marker not in student_text, f"{marker!r} left in notebooks/{chapter}.ipynb"
         sol = solution_lines(master)
         assert sol, f"{chapter}: the master has no solution lines (is it in otter format?)"

@@ -78,3 +78,14 @@ def test_definitions_keep_imports_functions_and_classes_only():
     kept = definitions("import math\nx = 1\nprint(x)\ndef f():\n    return 1\n@dataclass\nclass C:\n    a: int = 0\n")
     assert [type(n).__name__ for n in kept.body] == ["Import", "FunctionDef", "ClassDef"]
     assert math.isfinite(1.0)
+
+
+def test_both_otter_hidden_test_formats_are_hidden():
+    """`# HIDDEN` and otter's test config with `hidden: true` (chapters 06-11 use it) are both hidden
+    tests for the grader and the leak checks; the config block is not a test line."""
+    from kvlab.course.questions import is_hidden_test, test_lines
+
+    config = '""" # BEGIN TEST CONFIG\nhidden: true\n""" # END TEST CONFIG\nassert f(3) == 9'
+    assert is_hidden_test("# HIDDEN\nassert f(3) == 9") and is_hidden_test(config)
+    assert not is_hidden_test(config.replace("true", "false")) and not is_hidden_test("assert f(2) == 4")
+    assert test_lines(config) == ["assert f(3) == 9"] == test_lines("# HIDDEN\nassert f(3) == 9")

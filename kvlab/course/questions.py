@@ -51,6 +51,35 @@ class Question:
     hidden: list[str] = field(default_factory=list)
 
 
+_TEST_CONFIG = re.compile(r'^\s*(?:"""|\'\'\')\s*# BEGIN TEST CONFIG\n(.*?)\n\s*(?:"""|\'\'\')\s*# END TEST CONFIG',
+                          re.DOTALL)
+
+
+def is_hidden_test(src: str) -> bool:
+    """A master's test cell is hidden when its first line is `# HIDDEN` or when it opens with
+    otter's test config block (`\"\"\" # BEGIN TEST CONFIG` ... `hidden: true` ...
+    `\"\"\" # END TEST CONFIG`). Both are otter formats; every tool here (the grader, the
+    student-notebook and release leak checks) must read them the same way."""
+    src = src.strip()
+    if src.startswith("# HIDDEN"):
+        return True
+    m = _TEST_CONFIG.match(src)
+    if not m:
+        return False
+    try:
+        conf = yaml.safe_load(m.group(1)) or {}
+    except yaml.YAMLError:
+        return False
+    return isinstance(conf, dict) and bool(conf.get("hidden"))
+
+
+def test_lines(src: str) -> list[str]:
+    """The stripped, non-empty lines of a test cell, without its `# HIDDEN` marker or test config."""
+    m = _TEST_CONFIG.match(src.strip())
+    body = src.strip()[m.end():] if m else src
+    return [ln.strip() for ln in body.splitlines() if ln.strip() and ln.strip() != "# HIDDEN"]
+
+
 def defined_names(src: str) -> list[str]:
     """Top-level functions and classes a cell defines (in order)."""
     try:
@@ -134,7 +163,7 @@ def parse_master(master) -> tuple[list[Question], list[str]]:
             q.solution += ("\n\n" if q.solution else "") + cell.source
             q.names += defined_names(cell.source)
         elif region == "tests":
-            if src.startswith("# HIDDEN"):
+            if is_hidden_test(src):
                 q.hidden.append(cell.source)
             else:
                 q.public.append(cell.source)

