@@ -80,7 +80,7 @@ def cached_prefix(block_manager, seq):
         parent = hashes[i]
     return hits
 '''
-_CHECK = "(b.token_ids, b.extra_keys, b.parent) != (tuple(seq.token_ids[i * bs:(i + 1) * bs]), extra, parent)"
+_CHECK = "(b.token_ids, b.extra_keys, b.parent_hash) != (tuple(seq.token_ids[i * bs:(i + 1) * bs]), extra, parent)"
 
 
 def _lookup(count="(len(seq) - 1) // bs", miss="break", check=_CHECK):
