@@ -197,3 +197,27 @@ def test_an_interrupt_inside_the_block_goes_through():
         with forbid("torch.softmax"):
             raise Stop()
     assert sys.getprofile() is None
+
+
+@torch.inference_mode()
+def _decorated_a(x):
+    return x + 1
+
+
+@torch.inference_mode()
+def _decorated_b(x):
+    return x * 2
+
+
+def test_a_decorated_function_is_identified_by_itself_not_by_the_shared_wrapper():
+    """Functions decorated with torch.inference_mode() (or functools.wraps) share the wrapper's code
+    object; forbidding one must forbid that function alone, called directly or through an alias."""
+    x = torch.ones(2)
+    with forbid(_decorated_a):
+        assert torch.equal(_decorated_b(x), 2 * x), "another decorated function is still allowed"
+    alias = _decorated_a
+    with pytest.raises(ForbiddenCall, match="_decorated_a"):
+        with forbid(_decorated_a):
+            alias(x)
+    with forbid("kvlab.generate.iter_generate"):
+        assert torch.equal(_decorated_b(x), 2 * x)

@@ -112,6 +112,11 @@ def _codes_of(obj, seen: set) -> set:
         return set().union(*(_codes_of(f, seen) for f in (obj.fget, obj.fset, obj.fdel) if f))
     if isinstance(obj, types.MethodType):
         obj = obj.__func__
+    # A decorated function (torch.inference_mode(), functools.wraps, lru_cache) is a wrapper whose code
+    # object every function with the same decorator shares: match the function it wraps instead (the
+    # wrapper calls it, so the profile hook still sees every call).
+    while not isinstance(obj, type) and isinstance(getattr(obj, "__wrapped__", None), types.FunctionType):
+        obj = obj.__wrapped__
     inner = getattr(obj, "_implementation", None)  # numpy's array-function dispatchers
     if not isinstance(obj, (types.FunctionType, type)) and isinstance(inner, types.FunctionType):
         obj = inner
