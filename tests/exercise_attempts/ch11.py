@@ -43,6 +43,28 @@ def engine_step(parts):
 '''
 
 
+_STREAM = '''
+class StreamText:
+    def __init__(self, stop=None):
+        self.sent = ""
+        self.holdback = {holdback}
+
+    def next(self, text, finished):
+        if not finished:
+            text = {strip}
+            text = text[:max(len(self.sent), len(text) - self.holdback)]
+        if {check}:
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+'''
+
+
+def _stream(holdback="max((len(s) for s in stop or []), default=1) - 1", strip='text.rstrip("\\ufffd")',
+            check="not text.startswith(self.sent)"):
+    return _STREAM.replace("{holdback}", holdback).replace("{strip}", strip).replace("{check}", check)
+
+
 def _step(done="c.end == len(c.seq)", finish="parts.finish(seq, reason)"):
     return _STEP.replace("{done}", done).replace("{finish}", finish)
 
@@ -112,6 +134,23 @@ def latencies(arrival, token_times):
     tpot = (last - arrival) / n if n > 1 else float("nan")
     return first - arrival, tpot, last - arrival
 ''',
+        ],
+    },
+    "q4_stream_text": {
+        "shortcuts": ['''
+from kvlab.serve.protocol import StreamText
+''', '''
+from kvlab.serve import protocol
+
+
+class StreamText(protocol.StreamText):
+    pass
+'''],
+        "wrong": [
+            _stream(holdback="max((len(s) for s in stop or []), default=0)"),   # holds back a whole stop string
+            _stream(strip="text"),                                              # sends a partial character
+            _stream(holdback="len(stop or [])"),                                # one character per stop string
+            _stream(check="False"),                                             # may take sent text back
         ],
     },
 }
