@@ -15,36 +15,8 @@ torch.set_num_threads(1)  # xdist runs one worker per core: more threads per wor
 def pytest_addoption(parser):
     parser.addoption("--gpu", action="store_true", default=False, help="run the GPU tests on CUDA")
 
-# Known failures after merging six parallel branches on 2026-12-03 (docs/status.md, 'Session of
-# 2026-12-03'): the chapters 06-11 exercises' labels and hidden tests, two masters that otter
-# cannot grade on the merged engine (08, 10), chapter 11's q4 attempts, a false or real leak in 03's
-# student notebook. Each is expected to fail until fixed; a fixed one shows as XPASS: then remove it.
-KNOWN_BROKEN = {
-    "tests/test_exercise_attempts.py::TestAttempts_ch06::test_every_question_is_labelled",
-    "tests/test_exercise_attempts.py::TestAttempts_ch06::test_master_scores_full_marks",
-    "tests/test_exercise_attempts.py::TestAttempts_ch08::test_every_question_is_labelled",
-    "tests/test_exercise_attempts.py::TestAttempts_ch08::test_master_scores_full_marks",
-    "tests/test_exercise_attempts.py::TestAttempts_ch07::test_every_question_is_labelled",
-    "tests/test_exercise_attempts.py::TestAttempts_ch09::test_every_question_is_labelled",
-    "tests/test_exercise_attempts.py::TestAttempts_ch10::test_every_question_is_labelled",
-    "tests/test_exercise_attempts.py::TestAttempts_ch10::test_master_scores_full_marks",
-    "tests/test_course_notebooks.py::TestChapter_03_kv_cache::test_no_solution_and_no_hidden_test_in_the_student_notebook",
-    "tests/test_course_notebooks.py::TestChapter_08_prefix_caching::test_master_scores_full_marks",
-    "tests/test_exercise_attempts.py::TestAttempts_ch11::test_every_question_has_attempts",
-    "tests/test_exercise_attempts.py::TestAttempts_ch11::test_every_question_is_labelled",
-    "tests/test_course_notebooks.py::TestChapter_08_prefix_caching::test_student_notebook_is_in_sync_with_its_master",
-    "tests/test_course_notebooks.py::TestChapter_08_prefix_caching::test_untouched_student_notebook_runs_and_scores_zero",
-    "tests/test_course_notebooks.py::TestChapter_10_triton_kernels::test_master_scores_full_marks",
-    "tests/test_course_notebooks.py::TestChapter_10_triton_kernels::test_student_notebook_is_in_sync_with_its_master",
-    "tests/test_course_notebooks.py::TestChapter_10_triton_kernels::test_untouched_student_notebook_runs_and_scores_zero",
-}
-
 
 def pytest_collection_modifyitems(config, items):
-    known = pytest.mark.xfail(strict=False, reason="known broken after the 2026-12-03 merge: docs/status.md")
-    for item in items:
-        if item.nodeid in KNOWN_BROKEN:
-            item.add_marker(known)
     from kvlab.course.paths import REQUIRES, missing_requirements
 
     for item in items:  # a chapter that needs a package missing here (Triton on macOS) is skipped
