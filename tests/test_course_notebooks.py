@@ -21,7 +21,7 @@ import pytest
 from kvlab.course.assign import assign
 from kvlab.course.grade import grade_one
 from kvlab.course.paths import MASTERS, NOTEBOOKS, chapters
-from kvlab.course.questions import is_hidden_test, test_lines
+from kvlab.course.questions import is_hidden_test, cell_test_lines
 
 MASTER_FILES = chapters(MASTERS)
 pytestmark = pytest.mark.slow
@@ -90,7 +90,7 @@ def hidden_test_lines(master) -> set[str]:
         if cell.cell_type != "code":
             continue
         if in_tests and is_hidden_test(src):
-            hidden |= set(test_lines(src))
+            hidden |= set(cell_test_lines(src))
         else:
             other |= {ln.strip() for ln in cell.source.splitlines() if ln.strip()}
     return {s for s in hidden - other if not s.startswith("#") and len(s) > 3}

@@ -73,7 +73,7 @@ def is_hidden_test(src: str) -> bool:
     return isinstance(conf, dict) and bool(conf.get("hidden"))
 
 
-def test_lines(src: str) -> list[str]:
+def cell_test_lines(src: str) -> list[str]:
     """The stripped, non-empty lines of a test cell, without its `# HIDDEN` marker or test config."""
     m = _TEST_CONFIG.match(src.strip())
     body = src.strip()[m.end():] if m else src

@@ -81,7 +81,7 @@ def _secret_lines(masters: Path) -> tuple[set[str], set[str]]:
 
     import nbformat
 
-    from kvlab.course.questions import is_hidden_test, test_lines
+    from kvlab.course.questions import is_hidden_test, cell_test_lines
 
     sol, hidden, other = set(), set(), set()
     for m in chapters(masters):
@@ -98,7 +98,7 @@ def _secret_lines(masters: Path) -> tuple[set[str], set[str]]:
                 continue
             lines = [ln.strip() for ln in cell.source.splitlines()]
             if in_tests and is_hidden_test(src):
-                hidden |= set(test_lines(src))
+                hidden |= set(cell_test_lines(src))
                 continue
             inside = False
             for s in lines:
