@@ -5,7 +5,7 @@ import functools
 
 import pytest
 import torch
-from _engine_helpers import CallOrderMachine, FakeSeq
+from helpers import CallOrderMachine, FakeSeq
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant

@@ -166,9 +166,6 @@ class QuantizedPagedKVCache:
         """The block manager dropped these blocks' contents: their rows, if any, go back."""
         self.rows.discard(block_ids)
 
-    def discard_block(self, block_id: int) -> None:
-        self.discard_blocks([block_id])
-
     def begin_step(self, metadata, freed_blocks=()) -> None:
         """Called by the engine's runner before each forward pass: first the blocks dropped since
         the last step give their rows back (one of them may be written again this step), then the
