@@ -15,12 +15,12 @@ def test_old_path_is_the_new_module(old):
 
 
 def test_old_forms_of_import():
-    from kvlab import memory
     from kvlab.flops import forward_flops
     from kvlab.quant.paged import QuantizedPagedKVCache
 
     import kvlab.costs.flops
     import kvlab.costs.memory
+    from kvlab import memory
     from kvlab.cache.quantized import QuantizedPagedKVCache as Q
     assert memory is kvlab.costs.memory and forward_flops is kvlab.costs.flops.forward_flops
     assert QuantizedPagedKVCache is Q and kvlab.traces is importlib.import_module("kvlab.lab.traces")
