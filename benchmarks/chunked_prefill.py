@@ -35,7 +35,7 @@ import torch
 from _table import markdown_table
 
 import kvlab
-from kvlab.machine import machine_info
+from kvlab.costs.machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -133,7 +133,7 @@ def main(argv=None):
     import transformers
 
     import kvlab
-    from kvlab.machine import machine_info
+    from kvlab.costs.machine import machine_info
 
     model, tok = kvlab.load_model()
     hf = load_hf()
@@ -232,7 +232,7 @@ def vs_vllm(args, argv):
     import subprocess
 
     import kvlab
-    from kvlab.machine import machine_info
+    from kvlab.costs.machine import machine_info
 
     sys.path.insert(0, os.path.join(ROOT, "benchmarks", "peers"))
     import vllm_peer

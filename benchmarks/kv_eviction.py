@@ -37,8 +37,8 @@ import torch
 from _table import markdown_table
 
 import kvlab
+from kvlab.costs.machine import machine_info
 from kvlab.evict import EvictingKVCache, EvictionConfig
-from kvlab.machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "data"))

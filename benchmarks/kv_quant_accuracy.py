@@ -41,7 +41,7 @@ import torch
 from _table import markdown_table
 
 import kvlab
-from kvlab.machine import machine_info
+from kvlab.costs.machine import machine_info
 from kvlab.quant import bytes_per_token
 from kvlab.quant.fp8 import Fp8Calibration, calibrate_fp8
 from kvlab.quant.sim import FakeQuantKVCache

@@ -104,7 +104,7 @@ def main(argv=None):
         args.prefix_len, args.question_len, args.num_requests, args.sweep = 96, 16, 4, "0,64"
 
     import kvlab
-    from kvlab.machine import machine_info
+    from kvlab.costs.machine import machine_info
 
     model, tok = kvlab.load_model()
     load_start = os.getloadavg()[0]

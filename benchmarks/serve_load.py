@@ -27,7 +27,7 @@ from pathlib import Path
 
 from _table import markdown_table
 
-from kvlab.machine import machine_info
+from kvlab.costs.machine import machine_info
 from kvlab.serve.launch import launch
 from kvlab.serve.loadgen import build_trace, cpu_shape, plot, replay, served_model, summarize
 

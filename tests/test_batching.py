@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvlab
-from kvlab.batching import random_prompts, serve, shortest_prompt_first
 from kvlab.engine.sequence import Sequence
-from kvlab.traces import Request, make_trace
+from kvlab.lab.batching import random_prompts, serve, shortest_prompt_first
+from kvlab.lab.traces import Request, make_trace
 
 SLOTS = 4
 

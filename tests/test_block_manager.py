@@ -4,7 +4,7 @@ that reference counts match the block tables, no block is free and held at once,
 everything is free at the end."""
 
 import pytest
-from _engine_helpers import FakeSeq
+from helpers import FakeSeq, check_block_manager
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -12,18 +12,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from kvlab.engine.block_manager import BlockManager
 
 
-def check_consistent(bm: BlockManager, seqs):
-    """Reference counts equal the number of block tables pointing at each block; the free queue
-    holds exactly the unreferenced blocks, each once."""
-    counts = [0] * bm.num_blocks
-    for s in seqs:
-        assert len(s.block_table) == bm.num_blocks_for(len(s)) or not s.block_table
-        for b in s.block_table:
-            counts[b] += 1
-    assert [b.ref_count for b in bm.blocks] == counts
-    free = list(bm.free_queue)
-    assert len(free) == len(set(free)) == bm.num_free_blocks
-    assert set(free) == {i for i, c in enumerate(counts) if c == 0}
+def check_consistent(bm, seqs):
+    check_block_manager(bm, seqs, full_tables=True)
 
 
 def test_allocate_append_deallocate():

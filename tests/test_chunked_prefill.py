@@ -5,8 +5,8 @@ budget holds every step; running decodes get a token every step while a long pro
 a prompt's blocks reach the prefix cache only once computed. Random workloads with chunking run
 through the hypothesis test in tests/test_scheduler.py."""
 import pytest
-from _engine_helpers import GREEDY
-from _engine_helpers import random_prompts as _prompts
+from helpers import GREEDY
+from helpers import random_prompts as _prompts
 
 from kvlab import LLM, SamplingParams
 from kvlab.engine.model_runner import ModelRunner

@@ -3,9 +3,9 @@ import math
 
 import pytest
 
-from kvlab import claims
-from kvlab.claims import as_rows, check_all, close
-from kvlab.roofline import GPUS
+from kvlab.costs.roofline import GPUS
+from kvlab.lab import claims
+from kvlab.lab.claims import as_rows, check_all, close
 
 
 @pytest.fixture(scope="module")

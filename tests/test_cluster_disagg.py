@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 from kvlab.cluster.disagg import MODES, CostModel, simulate
 from kvlab.cluster.hardware import LINKS, Link
-from kvlab.memory import MODELS, kv_bytes_per_token
-from kvlab.roofline import GPUS
-from kvlab.traces import LogNormalLengths, Request, TraceShape, make_trace
+from kvlab.costs.memory import MODELS, kv_bytes_per_token
+from kvlab.costs.roofline import GPUS
+from kvlab.lab.traces import LogNormalLengths, Request, TraceShape, make_trace
 
 CM = CostModel(MODELS["llama-3.1-8b"], GPUS["H100 SXM"])
 LONG = TraceShape("long prompts", LogNormalLengths(1500, 0.8, 16, 8000), LogNormalLengths(200, 0.8, 1, 1024))

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from kvlab.cluster.eviction import POLICIES, PrefixCache, block_cost_flops, simulate
 from kvlab.cluster.sessions import BlockKeys, ChatWorkload, make_chat_trace, sharing_stats
-from kvlab.memory import MODELS
+from kvlab.costs.memory import MODELS
 
 SMALL = ChatWorkload(num_sessions=30, num_system_prompts=3, mean_turns=3.0)
 

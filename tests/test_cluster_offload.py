@@ -19,8 +19,8 @@ from kvlab.cluster.offload import (
     simulate_tiers,
 )
 from kvlab.cluster.sessions import BlockKeys, ChatWorkload, make_chat_trace
-from kvlab.memory import MODELS, KVConfig
-from kvlab.roofline import GPUS, Machine
+from kvlab.costs.memory import MODELS, KVConfig
+from kvlab.costs.roofline import GPUS, Machine
 
 H100 = GPUS["H100 SXM"]
 TOY = KVConfig("toy", num_layers=1, num_heads=1, num_kv_heads=1, head_dim=1, hidden_size=1,

@@ -7,9 +7,9 @@ from hypothesis import strategies as st
 
 from kvlab.cluster.routing import ROUTERS, choose_replica, decode_seconds_per_token, route_trace
 from kvlab.cluster.sessions import ChatWorkload, make_chat_trace
-from kvlab.memory import MODELS
-from kvlab.roofline import GPUS
-from kvlab.traces import LogNormalLengths
+from kvlab.costs.memory import MODELS
+from kvlab.costs.roofline import GPUS
+from kvlab.lab.traces import LogNormalLengths
 
 H100, CFG = GPUS["H100 SXM"], MODELS["llama-3.1-8b"]
 TRACE = make_chat_trace(ChatWorkload(num_sessions=60, session_rate=20.0, think_time=2.0, mean_turns=3.0,

@@ -65,13 +65,13 @@ def test_sdpa_and_its_fused_kernels_are_caught():
 
 
 def test_python_functions_are_caught_by_code_object_not_name():
-    from kvlab import attention_math
-    from kvlab.attention_math import repeat_kv as rk
+    from kvlab.lab import attention_math
+    from kvlab.lab.attention_math import repeat_kv as rk
     k = torch.randn(1, 2, 3, 4)
     for call in (lambda: rk(k, 2), lambda: attention_math.repeat_kv(k, 2),
                  lambda: getattr(attention_math, "repeat" + "_kv")(k, 2)):
         with pytest.raises(ForbiddenCall, match="repeat_kv"):
-            with forbid("kvlab.attention_math.repeat_kv"):
+            with forbid("kvlab.lab.attention_math.repeat_kv"):
                 call()
 
 
@@ -88,19 +88,19 @@ def test_a_class_its_methods_and_its_subclasses_are_caught():
 
 
 def test_importing_a_forbidden_module_inside_the_block_is_caught():
-    with pytest.raises(ForbiddenCall, match="importing kvlab.attention_math"):
-        with forbid("kvlab.attention_math"):
-            from kvlab.attention_math import repeat_kv  # noqa: F401
+    with pytest.raises(ForbiddenCall, match="importing kvlab.lab.attention_math"):
+        with forbid("kvlab.lab.attention_math"):
+            from kvlab.lab.attention_math import repeat_kv  # noqa: F401
     with pytest.raises(ForbiddenCall):
-        with forbid("kvlab.attention_math"):
-            importlib.import_module("kvlab.attention_math")
+        with forbid("kvlab.lab.attention_math"):
+            importlib.import_module("kvlab.lab.attention_math")
     with pytest.raises(ForbiddenCall):
-        with forbid("kvlab.attention_math"):
-            from kvlab import attention_math  # noqa: F401
+        with forbid("kvlab.lab.attention_math"):
+            from kvlab.lab import attention_math  # noqa: F401
 
 
 def test_a_forbidden_module_catches_every_function_in_it():
-    from kvlab import attention_math
+    from kvlab.lab import attention_math
     with pytest.raises(ForbiddenCall):
         with forbid(attention_math):
             attention_math.repeat_kv(torch.randn(1, 1, 2, 2), 2)
@@ -150,10 +150,10 @@ def test_the_guard_cleans_up_and_nests():
     before = (sys.getprofile(), __import__, importlib.import_module)
     with pytest.raises(ForbiddenCall, match="torch.softmax"):  # the outer block raises on leaving
         with forbid("torch.softmax"):
-            with forbid("kvlab.attention_math.repeat_kv"):
+            with forbid("kvlab.lab.attention_math.repeat_kv"):
                 with pytest.raises(ForbiddenCall):
                     torch.softmax(_x(), -1)
-    with forbid("kvlab.attention_math.repeat_kv"):
+    with forbid("kvlab.lab.attention_math.repeat_kv"):
         with forbid("torch.softmax"):
             torch.exp(_x())
     assert (sys.getprofile(), __import__, importlib.import_module) == before
@@ -162,8 +162,8 @@ def test_the_guard_cleans_up_and_nests():
 
 
 def test_unknown_targets_are_refused_with_a_clear_message():
-    with pytest.raises(ValueError, match="kvlab.attention_math.nope"):
-        forbid("kvlab.attention_math.nope")
+    with pytest.raises(ValueError, match="kvlab.lab.attention_math.nope"):
+        forbid("kvlab.lab.attention_math.nope")
     with pytest.raises(ValueError, match="no importable module"):
         forbid("nosuchmodule_xyz.f")
 

@@ -10,7 +10,7 @@
 """
 import pytest
 import torch
-from _engine_helpers import GREEDY
+from helpers import GREEDY
 
 from kvlab import LLM, SamplingParams
 from kvlab.engine.block_manager import BlockManager

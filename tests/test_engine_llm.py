@@ -5,9 +5,9 @@ engine must produce the same greedy tokens whatever the batch, block size or pre
 """
 
 import pytest
-from _engine_helpers import GREEDY
-from _engine_helpers import assert_all_free as _assert_all_free
-from _engine_helpers import random_prompts as _prompts
+from helpers import GREEDY
+from helpers import assert_all_free as _assert_all_free
+from helpers import random_prompts as _prompts
 
 import kvlab
 from kvlab import LLM, SamplingParams

@@ -86,3 +86,55 @@ def test_the_default_budget_holds_the_rows(tiny_model, fmt):
     assert llm.cache.residual.fixed and llm.cache.sinks.fixed
     with pytest.raises(ValueError, match="kv_cache_memory_bytes"):
         LLM(tiny_model, kv_cache_dtype=fmt, kv_cache_memory_bytes=1000)
+
+
+def _small_row_pool(monkeypatch, residual_rows=None, sink_rows=None):
+    """Engines built after this get residual / sink pools of that many rows, fewer than any
+    schedule may need: only admission's row count keeps the steps inside them."""
+    import kvlab.engine.llm as llm_module
+
+    real = llm_module.kv_costs
+
+    def costs(*args, **kw):
+        c = real(*args, **kw)
+        c.max_residual_rows = residual_rows or c.max_residual_rows
+        c.max_sink_rows = sink_rows or c.max_sink_rows
+        return c
+    monkeypatch.setattr(llm_module, "kv_costs", costs)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_admission_counts_residual_rows(tiny_model, monkeypatch, chunked):
+    """A burst of 4 prompts of 3 int4 blocks each needs 12 residual rows in its first step; the
+    pool has 4. The scheduler admits what fits (a prompt, or a chunk of whole blocks) and the
+    rest waits: no step ever asks the fixed pool for a row it does not have. Whole prompts: the
+    greedy tokens equal those of an engine with the full pool (chunks read earlier blocks
+    quantized, KIVI's prefill does not, so chunked tokens may differ and only lengths are compared)."""
+    prompts = [[i + 1] * 3 + list(range(10 + i, 16 + i)) for i in range(4)]   # 9 tokens, blocks of 4
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    kw = dict(block_size=4, num_kv_blocks=32, max_model_len=32, max_num_seqs=4, kv_cache_dtype="int4",
+              enable_chunked_prefill=chunked, max_num_batched_tokens=16 if chunked else 64)
+    want = [o.outputs[0].token_ids for o in LLM(tiny_model, **kw).generate(prompts, params, use_tqdm=False)]
+    _small_row_pool(monkeypatch, residual_rows=4)
+    llm = LLM(tiny_model, **kw)
+    assert llm.cache.residual.k_res[0].shape[0] == 4 and llm.cache.residual.fixed
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert (got == want if not chunked else [len(t) for t in got] == [6] * 4)
+    assert llm.cache.num_residual_blocks == 0
+
+
+def test_admission_counts_sink_rows(tiny_model, monkeypatch):
+    """keep_sink_token with a pool of 2 sink rows and no prefix caching: at most two sequences
+    (two first blocks) run at once, and every request completes."""
+    _small_row_pool(monkeypatch, sink_rows=2)
+    llm = LLM(tiny_model, block_size=4, num_kv_blocks=32, max_model_len=32, max_num_seqs=4,
+              kv_cache_dtype="int8", keep_sink_token=True, enable_prefix_caching=False)
+    assert llm.cache.sinks.k_res[0].shape[0] == 2
+    for i in range(4):
+        llm.add_request([i + 1] * 5, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    peak = 0
+    while llm.has_unfinished_requests():
+        llm.step()
+        peak = max(peak, len(llm.scheduler.running))
+        assert llm.cache.sinks.rows_in_use <= 2
+    assert peak == 2

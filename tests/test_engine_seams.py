@@ -3,8 +3,8 @@ documented protocol, with no kvlab base class. A plugged-in part must serve the 
 give the reference's greedy tokens; the radix cache must give the block-hash cache's tokens."""
 import pytest
 import torch
-from _engine_helpers import GREEDY
-from _engine_helpers import random_prompts as _prompts
+from helpers import GREEDY
+from helpers import random_prompts as _prompts
 
 from kvlab import LLM, SamplingParams
 from kvlab.cache.base import causal_attention

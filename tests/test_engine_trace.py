@@ -6,8 +6,8 @@ the engine's own state; prefix-cache hits show up as a later start and shared le
 """
 
 import pytest
-from _engine_helpers import GREEDY
-from _engine_helpers import random_prompts as _prompts
+from helpers import GREEDY
+from helpers import random_prompts as _prompts
 
 from kvlab import LLM, SamplingParams
 from kvlab.engine.model_runner import ModelRunner

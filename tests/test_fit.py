@@ -1,8 +1,8 @@
-"""kvlab.fit: exact on noiseless data, close on noisy data, well conditioned at large n, clear errors."""
+"""kvlab.costs.fit: exact on noiseless data, close on noisy data, well conditioned at large n, clear errors."""
 import numpy as np
 import pytest
 
-from kvlab.fit import fit_quadratic
+from kvlab.costs.fit import fit_quadratic
 
 
 def test_recovers_exact_coefficients_and_r2_one():

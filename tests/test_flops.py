@@ -1,12 +1,12 @@
-"""kvlab.flops: weight counts match the model, FLOP counts match torch's counter and the pairs the mask
+"""kvlab.costs.flops: weight counts match the model, FLOP counts match torch's counter and the pairs the mask
 allows, closed forms match sums."""
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from kvlab import flops
 from kvlab.cache.contiguous import ContiguousKVCache
-from kvlab.memory import MODELS, KVConfig
+from kvlab.costs import flops
+from kvlab.costs.memory import MODELS, KVConfig
 from kvlab.model.config import SMOLLM2_135M, LlamaConfig
 from kvlab.model.llama import Llama
 

@@ -1,13 +1,13 @@
-"""forward_cost: bytes and roofline floors against hand counts; its FLOPs are exactly kvlab.flops' count."""
+"""forward_cost: bytes and roofline floors against hand counts; its FLOPs are exactly kvlab.costs.flops' count."""
 import math
 
 import pytest
 
-from kvlab.flops import forward_flops, norm_weights, weight_split
-from kvlab.forward_cost import ForwardCost, forward_cost, generation_cost
-from kvlab.memory import MODELS, KVConfig, kv_bytes_per_token
+from kvlab.costs.flops import forward_flops, norm_weights, weight_split
+from kvlab.costs.forward_cost import ForwardCost, forward_cost, generation_cost
+from kvlab.costs.memory import MODELS, KVConfig, kv_bytes_per_token
+from kvlab.costs.roofline import GPUS, Machine
 from kvlab.model.config import SMOLLM2_135M
-from kvlab.roofline import GPUS, Machine
 
 TOY = KVConfig("toy", num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, hidden_size=32,
                num_params=10_000, max_context=64, vocab_size=50)
@@ -47,7 +47,7 @@ def test_smollm2_split_matches_the_model():
 @pytest.mark.parametrize("model", ["smollm2-135m", "llama-3.1-8b", "mistral-7b", "gemma-2-9b", "deepseek-v3"])
 @pytest.mark.parametrize("tokens,context,batch", [(1, 0, 1), (10, 0, 1), (1, 5000, 8), (7, 33, 3)])
 def test_flops_are_kvlab_flops(model, tokens, context, batch):
-    """One FLOP convention in the package: forward_cost reports kvlab.flops' count (matmuls only)."""
+    """One FLOP convention in the package: forward_cost reports kvlab.costs.flops' count (matmuls only)."""
     assert forward_cost(model, tokens, context, batch).flops == forward_flops(model, tokens, context, batch).total
 
 
@@ -108,7 +108,7 @@ def test_bad_input_raises():
 
 
 def test_critical_batch():
-    from kvlab.forward_cost import critical_batch
+    from kvlab.costs.forward_cost import critical_batch
     assert critical_batch(GPUS["H100 SXM"]) == math.ceil(989e12 / 3.35e12) == 296
     assert critical_batch(GPUS["H200"], 1) == math.ceil(989e12 / 4.8e12 / 2) == 104
     assert critical_batch(Machine("cpu", peak_flops=5e10, bandwidth=3e10), 4) == 4   # ridge 1.67

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvlab.fragmentation import (
+from kvlab.lab.fragmentation import (
     Contiguous,
     Paged,
     _arena_alloc,
@@ -16,7 +16,7 @@ from kvlab.fragmentation import (
     sessions_per_gpu,
     slots_per_session,
 )
-from kvlab.traces import SHAREGPT, Request, make_trace
+from kvlab.lab.traces import SHAREGPT, Request, make_trace
 
 MAX_LEN = 64
 

@@ -57,7 +57,7 @@ def test_cached_logits_within_1e4_at_every_step(runs, real_model):
 
 def test_cache_bytes_equal_the_calculator(real_model):
     from kvlab.cache import ContiguousKVCache
-    from kvlab.memory import MODELS, kv_bytes_per_token, kv_cache_bytes
+    from kvlab.costs.memory import MODELS, kv_bytes_per_token, kv_cache_bytes
 
     model, tok = real_model
     cache = ContiguousKVCache.for_model(model, batch=2, max_len=40)

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import random_llama
 
 import kvlab
 from kvlab.model.config import LlamaConfig
@@ -23,14 +24,8 @@ def _hf_model(folder, dtype=torch.float32):
 
 
 def _random_llama(tie: bool, seed: int = 0) -> Llama:
-    cfg = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=6,
-                      num_kv_heads=2, head_dim=8, rope_theta=5000.0, max_position_embeddings=128,
-                      tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(seed)
-    m = Llama(cfg).eval()
-    for p in m.parameters():
-        torch.nn.init.normal_(p, std=0.3) if p.dim() > 1 else torch.nn.init.uniform_(p, 0.5, 1.5)
-    return m.double()
+    return random_llama(seed, tie=tie, num_layers=2, max_position_embeddings=128, bos_token_id=1,
+                        eos_token_id=2)
 
 
 @pytest.mark.parametrize("tie", [True, False])

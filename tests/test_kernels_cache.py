@@ -10,7 +10,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton", reason="Triton is Linux-only; the kernels cannot run here")
-from _paged_helpers import DEVICE, random_paged, reference_decode, rel_err, scale_for
+from helpers import DEVICE, random_paged, reference_decode, rel_err, scale_for
 
 from kvlab.kernels.decode_attention_v3 import paged_decode_attention_v3
 from kvlab.kernels.reshape_and_cache import reshape_and_cache

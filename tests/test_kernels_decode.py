@@ -8,7 +8,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton", reason="Triton is Linux-only; the kernels cannot run here")
-from _paged_helpers import DEVICE, random_paged, reference_decode, rel_err, scale_for
+from helpers import DEVICE, random_paged, reference_decode, rel_err, scale_for
 
 from kvlab.kernels.decode_attention_v1 import paged_decode_attention_v1
 from kvlab.kernels.decode_attention_v2 import paged_decode_attention_v2

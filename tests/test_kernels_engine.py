@@ -6,7 +6,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton", reason="Triton is Linux-only; the kernels cannot run here")
-from _paged_helpers import DEVICE
+from helpers import DEVICE
 
 from kvlab import LLM, SamplingParams
 

@@ -1,7 +1,7 @@
 """int4 and int2 (KIVI) in the Triton kernels: the cache write (reshape_and_cache_int4) against
 kvlab.quant.int4 bit for bit, and the fused-dequantization decode (v3) against float64 attention
 over the cache kvlab.quant dequantizes, residual window included; prefill through
-kvlab.attention.paged_triton; and kvlab.quant.paged's int4 cache on the triton backend (the fused
+kvlab.attention.paged_triton; and kvlab.cache.quantized's int4 cache on the triton backend (the fused
 kernels) against the same cache on the torch backend. int2 is the same kernels with 2-bit codes
 (four per byte): each test that has a `bits` parameter runs both.
 (tests/test_kernels_quant_engine.py does the same for int8 and fp8, and checks every stored byte.)
@@ -14,16 +14,16 @@ import pytest
 import torch
 
 pytest.importorskip("triton", reason="Triton is Linux-only; the kernels cannot run here")
-from _paged_helpers import DEVICE, gather, random_paged, reference_decode, rel_err, scale_for
+from helpers import DEVICE, gather, random_paged, reference_decode, rel_err, scale_for
 
 from kvlab.attention import paged_triton
 from kvlab.cache.base import causal_attention
 from kvlab.cache.paged import AttentionMetadata
+from kvlab.cache.quantized import QuantizedPagedKVCache
 from kvlab.kernels.decode_attention_v3 import paged_decode_attention_v3
 from kvlab.kernels.reshape_and_cache import reshape_and_cache
 from kvlab.kernels.reshape_and_cache_int4 import reshape_and_cache_int4, sealed_blocks
 from kvlab.quant import int4
-from kvlab.quant.paged import QuantizedPagedKVCache
 
 BS = 16
 LENS = [1, BS - 1, BS, 300]
@@ -32,7 +32,7 @@ LENS = [1, BS - 1, BS, 300]
 def int4_cache(lens, Hkv, D, bs=BS, dtype=torch.float32, seed=0, sealed_this_step=(), bits=4):
     """A random paged cache quantized by kvlab.quant.int4, with each sequence's partial last block
     (and the last block of the sequences in `sealed_this_step`) in a full-precision residual pool,
-    as kvlab.quant.paged holds it during a step's attention. Returns the kernel's arguments and the
+    as kvlab.cache.quantized holds it during a step's attention. Returns the kernel's arguments and the
     float cache kvlab.quant reads (dequantized blocks, residual blocks in full precision)."""
     k, v, bt, ctx = random_paged(lens, Hkv, D, bs, seed=seed)
     g = torch.Generator().manual_seed(seed)                      # outlier channels, offsets
@@ -252,7 +252,7 @@ def test_decode_rejects_bad_inputs():
         paged_decode_attention_v3(q, kd, vd, bt, ctx, s, res_slot=args["res_slot"])
 
 
-# ---- the engine's int4 step: kvlab.quant.paged on the triton backend -----------------------
+# ---- the engine's int4 step: kvlab.cache.quantized on the triton backend -----------------------
 @pytest.mark.parametrize("fmt", ["int4", "int2"])
 def test_engine_steps_equal_quantized_paged_cache(fmt):
     """A packed prefill (prompts of 6 and 3 tokens, a block filled inside it) then 6 decode steps,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton", reason="Triton is Linux-only; the kernels cannot run here")
-from _paged_helpers import DEVICE, gather, random_paged, rel_err, scale_for
+from helpers import DEVICE, gather, random_paged, rel_err, scale_for
 
 from kvlab.attention import paged_triton
 from kvlab.cache.base import causal_attention

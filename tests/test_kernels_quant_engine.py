@@ -1,4 +1,4 @@
-"""kvlab.quant.paged's quantized cache on the fused Triton path against the same cache on the torch
+"""kvlab.cache.quantized's quantized cache on the fused Triton path against the same cache on the torch
 backend, for int8, fp8, int4 and int2: after the same steps both hold the same bytes (codes,
 scales, zero points, int4's and int2's residual rows), their attention outputs agree to float
 rounding, kvlab.LLM's greedy tokens are equal, and the triton backend never quantizes or
@@ -12,13 +12,13 @@ import pytest
 import torch
 
 pytest.importorskip("triton", reason="Triton is Linux-only; the kernels cannot run here")
-from _paged_helpers import DEVICE, rel_err
+from helpers import DEVICE, rel_err
 
 from kvlab import LLM, SamplingParams
 from kvlab.attention import paged_triton
 from kvlab.cache.paged import AttentionMetadata
+from kvlab.cache.quantized import QuantizedPagedKVCache
 from kvlab.quant import fp8, int4, int8
-from kvlab.quant.paged import QuantizedPagedKVCache
 
 FORMATS = ["int8", "fp8", "int4", "int2"]
 STORAGE = {"int8": ("k_cache", "v_cache", "k_scale", "v_scale"),

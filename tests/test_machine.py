@@ -1,9 +1,9 @@
-"""kvlab.machine never raises: no GPU, no Triton (macOS), no /proc/cpuinfo are reported, not fatal."""
+"""kvlab.costs.machine never raises: no GPU, no Triton (macOS), no /proc/cpuinfo are reported, not fatal."""
 import builtins
 
 import torch
 
-from kvlab import machine
+from kvlab.costs import machine
 
 
 def test_machine_info_describes_this_machine():

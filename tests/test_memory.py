@@ -1,7 +1,7 @@
 """The KV memory calculator against numbers worked out by hand from the published configurations."""
 import pytest
 
-from kvlab.memory import (
+from kvlab.costs.memory import (
     MODELS,
     KVConfig,
     kv_bytes_per_token,
@@ -99,7 +99,7 @@ def test_published_shapes_are_self_consistent():
 
 
 def test_llama_config_conversion_keeps_vocab_and_tying():
-    from kvlab.memory import as_kv_config
+    from kvlab.costs.memory import as_kv_config
     kv = as_kv_config(SMOLLM2_135M)
     assert kv.vocab_size == SMOLLM2_135M.vocab_size and kv.tie_embeddings
     assert kv.num_params == SMOLLM2_135M.num_parameters()

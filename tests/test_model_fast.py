@@ -3,28 +3,16 @@ on random weights (float64), through every cache; the same greedy tokens in the 
 tiny model and on the real one."""
 import pytest
 import torch
+from helpers import random_llama
 
 import kvlab
 from kvlab import SamplingParams
 from kvlab.cache.contiguous import ContiguousKVCache
-from kvlab.model.config import LlamaConfig
 from kvlab.model.fast import FastLlama, rms_norm, rope_
 from kvlab.model.layers import RMSNorm, apply_rope, rope_cos_sin
-from kvlab.model.llama import Llama
 
 # float64 weights, but both models take RMSNorm in float32 (as the reference does): float32 precision
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def _random_llama(seed=0, dtype=torch.float64, tie=True):
-    cfg = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=80, num_layers=3, num_heads=6,
-                      num_kv_heads=2, head_dim=8, rope_theta=5000.0, max_position_embeddings=256,
-                      tie_word_embeddings=tie)
-    torch.manual_seed(seed)
-    m = Llama(cfg).eval()
-    for p in m.parameters():
-        torch.nn.init.normal_(p, std=0.3) if p.dim() > 1 else torch.nn.init.uniform_(p, 0.5, 1.5)
-    return m.to(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -44,7 +32,7 @@ def test_rms_norm_and_rope_equal_the_layers(dtype):
 @pytest.mark.parametrize("tie", [True, False])
 @torch.inference_mode()
 def test_logits_equal_the_reference_float64(tie):
-    ref = _random_llama(tie=tie)
+    ref = random_llama(tie=tie)
     fast = FastLlama.from_llama(ref)
     ids = torch.randint(0, 96, (3, 13), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(fast(ids), ref(ids), **TOL)
@@ -61,7 +49,7 @@ def test_logits_equal_the_reference_float64(tie):
 
 @torch.inference_mode()
 def test_bfloat16_close_to_the_reference():
-    ref = _random_llama(dtype=torch.bfloat16)
+    ref = random_llama(dtype=torch.bfloat16)
     fast = FastLlama.from_llama(ref)
     ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(2))
     want, got = ref(ids), fast(ids)
@@ -71,7 +59,7 @@ def test_bfloat16_close_to_the_reference():
 
 
 def test_input_checks_as_the_reference():
-    fast = FastLlama.from_llama(_random_llama())
+    fast = FastLlama.from_llama(random_llama())
     with pytest.raises(ValueError, match="input_ids must lie in"):
         fast(torch.tensor([[0, 96]]))
     with pytest.raises(ValueError, match="batch, tokens"):
@@ -85,7 +73,7 @@ def _engine_tokens(model, prompts, n, **kw):
 
 
 def test_engine_greedy_equal_on_random_weights():
-    ref = _random_llama()
+    ref = random_llama()
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 96, (int(L),), generator=g).tolist() for L in (3, 17, 9, 30, 1)]
     n = [12, 5, 20, 8, 15]

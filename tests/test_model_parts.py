@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvlab import attention_math as am
 from kvlab.cache.base import NoCache, causal_attention
+from kvlab.lab import attention_math as am
 from kvlab.model.config import SMOLLM2_135M, LlamaConfig
 from kvlab.model.layers import RMSNorm, SwiGLU, apply_rope, rope_cos_sin
 from kvlab.model.llama import Llama

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from _engine_helpers import CallOrderMachine, FakeSeq
+from helpers import CallOrderMachine, FakeSeq, check_block_manager
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant
@@ -14,22 +14,6 @@ from hypothesis.stateful import initialize, invariant
 import kvlab.engine.block_manager as bm_module
 from kvlab.engine.block_manager import BlockManager
 from kvlab.engine.prefix_hash import ROOT, block_hashes, hash_block
-
-
-def check_consistent(bm: BlockManager, seqs):
-    """Counts match the block tables; the free queue holds every unreferenced block exactly once;
-    the hash map and the blocks' own hashes agree."""
-    counts = [0] * bm.num_blocks
-    for s in seqs:
-        for b in s.block_table:
-            counts[b] += 1
-    assert [b.ref_count for b in bm.blocks] == counts
-    free = list(bm.free_queue)
-    assert len(free) == len(set(free)) == bm.num_free_blocks
-    assert set(free) == {i for i, c in enumerate(counts) if c == 0}
-    for h, block_id in bm.cached.items():
-        assert bm.blocks[block_id].block_hash == h
-    assert sum(b.block_hash is not None for b in bm.blocks) == len(bm.cached)
 
 
 # ---- hashing ---------------------------------------------------------------------------------
@@ -67,11 +51,11 @@ def test_shared_prefix_is_reused_and_counted():
     assert b.block_table[2] != a.block_table[2]
     assert [bm.blocks[i].ref_count for i in a.block_table] == [2, 2, 1]
     assert (bm.prefix_cache_queries, bm.prefix_cache_hits) == (21, 8)
-    check_consistent(bm, [a, b])
+    check_block_manager(bm, [a, b])
     bm.deallocate(a)
     assert [bm.blocks[i].ref_count for i in b.block_table] == [1, 1, 1]
     bm.deallocate(b)
-    check_consistent(bm, [])
+    check_block_manager(bm, [])
     assert bm.num_free_blocks == 8 and len(bm.cached) == 2      # contents survive the free
 
 
@@ -109,7 +93,7 @@ def test_lru_free_queue_order_and_eviction():
     bm.deallocate(c)
     bm.allocate(d)
     assert d.num_cached_tokens == 4
-    check_consistent(bm, [d])
+    check_block_manager(bm, [d])
 
 
 def test_hit_on_free_block_leaves_free_queue():
@@ -149,7 +133,7 @@ def test_hash_collision_is_a_miss(monkeypatch):
     c = FakeSeq(2, [1, 2, 5, 6, 9])                   # block 0 really matches a's; block 1 collides
     bm.allocate(c)
     assert c.num_cached_tokens == 2
-    check_consistent(bm, [a, b, c])
+    check_block_manager(bm, [a, b, c])
 
 
 def test_decode_blocks_are_cached_for_the_next_turn():
@@ -199,7 +183,7 @@ class PrefixCacheMachine(CallOrderMachine):
     def consistent(self):
         if not hasattr(self, "bm"):
             return
-        check_consistent(self.bm, self.running)
+        check_block_manager(self.bm, self.running)
         for h, block_id in self.bm.cached.items():   # every hash names the K/V its block holds
             last = self.memory[block_id * self.bs + self.bs - 1]
             salt, prefix = last
@@ -217,7 +201,7 @@ class PrefixCacheMachine(CallOrderMachine):
             self.bm.deallocate(s)
         assert all(b.ref_count == 0 for b in self.bm.blocks)
         assert sorted(self.bm.free_queue) == list(range(self.bm.num_blocks))
-        check_consistent(self.bm, [])
+        check_block_manager(self.bm, [])
 
 
 TestPrefixCacheMachine = PrefixCacheMachine.TestCase

@@ -9,7 +9,7 @@ where the model sees them: the width of every packed forward pass.
 
 import pytest
 import torch
-from _engine_helpers import GREEDY
+from helpers import GREEDY
 
 from kvlab import LLM, SamplingParams
 

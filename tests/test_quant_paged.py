@@ -3,13 +3,13 @@ import copy
 
 import pytest
 import torch
-from _engine_helpers import GREEDY
-from _engine_helpers import random_prompts as _prompts
+from helpers import GREEDY
+from helpers import random_prompts as _prompts
 
 from kvlab import LLM, SamplingParams
 from kvlab.cache.paged import AttentionMetadata
+from kvlab.cache.quantized import QuantizedPagedKVCache
 from kvlab.quant import KV_CACHE_DTYPES, bytes_per_block
-from kvlab.quant.paged import QuantizedPagedKVCache
 from kvlab.quant.sim import FakeQuantKVCache
 
 FORMATS = ["int8", "fp8", "int4", "int2"]

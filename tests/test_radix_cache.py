@@ -5,7 +5,7 @@ import functools
 
 import pytest
 import torch
-from _engine_helpers import CallOrderMachine, FakeSeq
+from helpers import CallOrderMachine, FakeSeq
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant
@@ -183,3 +183,61 @@ def test_engine_runs_on_the_radix_cache(tiny_model):
     rc = llm.block_manager
     assert hits > 0 and llm.scheduler.num_preemptions > 0 and rc.num_evicted_blocks > 0
     assert not rc._seqs and rc.num_free_blocks + rc.evictable_size == 48
+
+
+def _fail_first_forward(llm):
+    """The engine's next forward raises once (after its first layer's write), then runs as usual."""
+    forward, calls = llm.model.forward, []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the forward failed")
+        return forward(*args, **kwargs)
+    llm.model.forward = wrapped
+
+
+def _tree_tokens(rc):
+    return sum(len(n.key) for n in rc._nodes())
+
+
+def test_radix_rolls_back_a_failed_step(model64, reference):
+    """Two prompts sharing a prefix, admitted in the step whose forward raises: the tree keeps
+    nothing of them (no token is findable without its K/V) and every slot is free again; a
+    prompt cached by an earlier step stays cached, only the failed step's extension goes. The
+    requests then give the reference's tokens."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randint(0, model64.config.vocab_size, (12,), generator=g).tolist()
+    a, b = base + [5, 6, 7], base + [8, 9]
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    llm = LLM(model64, prefix_cache="radix", num_kv_blocks=128, max_model_len=64)
+    rc = llm.block_manager
+    llm.add_request(a, params, request_id="a")
+    llm.add_request(b, params, request_id="b")
+    _fail_first_forward(llm)
+    try:
+        with pytest.raises(RuntimeError, match="forward failed"):
+            llm.step()
+    finally:
+        del llm.model.forward
+    assert _tree_tokens(rc) == 0 and rc.num_free_blocks == 128 and rc.evictable_size == 0
+    assert rc.lookup(FakeSeq(0, list(a))) == 0
+    outs = {}
+    while llm.has_unfinished_requests():
+        for o in llm.step():
+            if o.finished:
+                outs[o.request_id] = o.outputs[0].token_ids
+    assert outs == {"a": reference(a, 3), "b": reference(b, 3)}
+    # a computed prompt survives a later failed step that extends it
+    cached = _tree_tokens(rc)
+    llm.add_request(a + [11, 12, 13, 14], params, request_id="c")
+    _fail_first_forward(llm)
+    try:
+        with pytest.raises(RuntimeError, match="forward failed"):
+            llm.step()
+    finally:
+        del llm.model.forward
+    assert _tree_tokens(rc) == cached and rc.lookup(FakeSeq(0, a + [11, 12, 13, 14])) == len(a)
+    assert rc.num_free_blocks + cached == 128
+    out = llm.generate([a + [11, 12, 13, 14]], params, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == reference(a + [11, 12, 13, 14], 3)

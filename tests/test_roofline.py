@@ -1,7 +1,7 @@
 """The roofline helpers: the bound itself, intensity by hand, and that measuring returns sane numbers."""
 import pytest
 
-from kvlab.roofline import GPUS, Machine, linear_intensity, measure_bandwidth, measure_peak_flops
+from kvlab.costs.roofline import GPUS, Machine, linear_intensity, measure_bandwidth, measure_peak_flops
 
 
 def test_attainable_is_the_min_of_the_two_roofs():

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from kvlab.traces import (
+from kvlab.lab.traces import (
     ALPACA,
     LMSYS_CHAT,
     SHAREGPT,

@@ -1,4 +1,4 @@
-"""kvlab.watch: the arithmetic frames equal what a real forward computes, and the pictures get drawn."""
+"""kvlab.lab.watch: the arithmetic frames equal what a real forward computes, and the pictures get drawn."""
 import matplotlib
 
 matplotlib.use("Agg")
@@ -7,7 +7,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import kvlab  # noqa: E402
-from kvlab import watch  # noqa: E402
+from kvlab.lab import watch  # noqa: E402
 
 
 def test_naive_relights_everything_cached_one_column():

@@ -11,7 +11,7 @@ residual pool k_res, v_res [R, BS, Hkv, D] and res_slot int32 [NB] (block -> res
 quantized); kvlab/kernels/reshape_and_cache_int4.py describes them. An int2 cache is the same with
 four channels per byte (last dimension D/4). The int4 write quantizes a
 block as soon as its last slot is written but leaves its residual row mapped, so this step's
-attention still reads it in full precision, as kvlab.quant.paged does; after the attention the
+attention still reads it in full precision, as kvlab.cache.quantized does; after the attention the
 caller unmaps the blocks `int4_sealed_blocks(slot_mapping, block_size)` names. `Int4Residual`
 (kvlab.quant.residual, re-exported here) does that bookkeeping for a whole model: `open` before a
 step's first layer, `close` after its last, `args(layer)` for the kernels in between.
@@ -19,7 +19,7 @@ Every format also takes an optional attention-sink pool, all three or none: sink
 [R, Hkv, D] in the model dtype and sink_slot int32 [NB] (block -> the pool row of its offset-0
 token, -1 for none). The write stores each sequence's first token there unquantized, and decode
 and prefill read position 0 from it (kvlab/kernels/reshape_and_cache.py, decode_attention_v3.py).
-kvlab.quant.paged.QuantizedPagedKVCache calls these entry points with its quantized blocks when
+kvlab.cache.quantized.QuantizedPagedKVCache calls these entry points with its quantized blocks when
 its attention backend is "triton".
 
 Decode uses version 3 (split-K with fused dequantization). Prefill over cached prefix blocks
@@ -44,22 +44,31 @@ __all__ = ["reshape_and_cache", "paged_decode_attention", "paged_prefill_attenti
            "int4_sealed_blocks", "Int4Residual"]
 
 
-def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None,
-                      **int4) -> None:
-    """Write k, v [N, Hkv, D] into the slots `slot_mapping` [N] int64 (< 0: skipped)."""
-    _reshape_and_cache(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping,
-                       k_scale, v_scale, **int4)
+def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None, *,
+                      k_zero=None, v_zero=None, k_res=None, v_res=None, res_slot=None,
+                      sink_k=None, sink_v=None, sink_slot=None, check_slots: bool = True) -> None:
+    """Write k, v [N, Hkv, D] into the slots `slot_mapping` [N] int64 (< 0: skipped).
+    `check_slots` (int4/int2 only): check on the host that every written block has a residual row."""
+    _reshape_and_cache(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping, k_scale, v_scale,
+                       sink_k=sink_k, sink_v=sink_v, sink_slot=sink_slot, k_zero=k_zero, v_zero=v_zero,
+                       k_res=k_res, v_res=v_res, res_slot=res_slot, check_slots=check_slots)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
-                           k_scale=None, v_scale=None, **int4) -> torch.Tensor:
+                           k_scale=None, v_scale=None, *, k_zero=None, v_zero=None, k_res=None,
+                           v_res=None, res_slot=None, sink_k=None, sink_v=None,
+                           sink_slot=None) -> torch.Tensor:
     """One query per sequence, q [S, Hq, D] -> [S, Hq, D]."""
     return paged_decode_attention_v3(q.contiguous(), k_cache, v_cache, block_tables,
-                                     context_lens, scale, k_scale=k_scale, v_scale=v_scale, **int4)
+                                     context_lens, scale, k_scale=k_scale, v_scale=v_scale,
+                                     k_zero=k_zero, v_zero=v_zero, k_res=k_res, v_res=v_res,
+                                     res_slot=res_slot, sink_k=sink_k, sink_v=sink_v, sink_slot=sink_slot)
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens,
-                            scale, k_scale=None, v_scale=None, **int4) -> torch.Tensor:
+                            scale, k_scale=None, v_scale=None, *, k_zero=None, v_zero=None,
+                            k_res=None, v_res=None, res_slot=None, sink_k=None, sink_v=None,
+                            sink_slot=None) -> torch.Tensor:
     """Packed queries q [N, Hq, D]; sequence s owns rows query_start_loc[s]:query_start_loc[s+1],
     the last q_len positions of its context_lens[s] tokens -> [N, Hq, D]."""
     N = q.shape[0]
@@ -75,4 +84,6 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, 
     tok_ctx = (pos + 1).to(torch.int32)
     tok_tables = block_tables[seq].contiguous()
     return paged_decode_attention_v3(q.contiguous(), k_cache, v_cache, tok_tables, tok_ctx,
-                                     scale, k_scale=k_scale, v_scale=v_scale, **int4)
+                                     scale, k_scale=k_scale, v_scale=v_scale, k_zero=k_zero,
+                                     v_zero=v_zero, k_res=k_res, v_res=v_res, res_slot=res_slot,
+                                     sink_k=sink_k, sink_v=sink_v, sink_slot=sink_slot)

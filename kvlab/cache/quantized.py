@@ -13,13 +13,16 @@ kernels of kvlab/kernels/ read:
 | int4 | uint8 `[NB, BS, Hkv, D/2]` | keys float16 scale, zero `[NB, Hkv, D]`; values `[NB, BS, Hkv, D/32]` |
 | int2 | uint8 `[NB, BS, Hkv, D/4]` | as int4 |
 
-fp8's scales and key shifts come from `fp8_calibration` (default: scale 1.0, no shift).
-`keep_sink_token=True` also keeps each sequence's first token in full precision in a small pool of
-rows (kvlab.quant.sink), read in place of its quantized copy.
-int4 and int2 also keep their residual window, the blocks not yet quantized, in full precision in a pool of
-rows (`kvlab.quant.residual.Int4Residual`): opened by `set_metadata` before a step, a block sealed
-(quantized) by the write that fills it, its row still read by that step's attention and given back
-after the step's last layer.
+The cache is a composition of two parts, and holds no format-specific code itself:
+
+- a **codec** (kvlab/cache/block_codecs.py, one small class per format): the block storage of
+  the format and its PyTorch quantize/dequantize (fp8's scales and key shifts come from
+  `fp8_calibration`, default scale 1.0, no shift);
+- a **row pool** (kvlab/cache/rows.py): int4 and int2 keep their residual window, the blocks not
+  yet quantized, in full-precision rows (opened by `begin_step`, a block sealed by the write that
+  fills it, its row still read by that step's attention and given back after the step's last
+  layer); `keep_sink_token=True` keeps each sequence's first token in a sink row, read in place of
+  its quantized copy.
 
 Both attention backends store the same bytes; they differ in who computes them:
 
@@ -42,19 +45,23 @@ import math
 import torch
 
 from kvlab.attention import backend_module
+from kvlab.cache.block_codecs import make_codec
 from kvlab.cache.paged import step_metadata
-from kvlab.quant import bytes_per_block_per_head, fp8, int4, int8
+from kvlab.cache.rows import RowPool
+from kvlab.quant import bytes_per_block_per_head
 from kvlab.quant.common import check_kv_cache_dtype
-from kvlab.quant.residual import Int4Residual, sealed_blocks
-from kvlab.quant.sink import create_sink_pool, sink_args, sink_blocks
+
+
+def _codec_storage(name: str, doc: str):
+    return property(lambda self: getattr(self.codec, name), doc=doc)
 
 
 class QuantizedPagedKVCache:
     """QuantizedPagedKVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim,
     dtype=torch.float32, device="cpu", attention_backend="torch", kv_cache_dtype="int8",
-    fp8_calibration=None, keep_sink_token=False)
+    fp8_calibration=None, keep_sink_token=False, residual_rows=None, sink_rows=None)
 
-    `dtype` is the model's: what reads return and what int4's residual window is kept in.
+    `dtype` is the model's: what reads return and what the full-precision rows are kept in.
     `fp8_calibration`: an optional `kvlab.quant.fp8.Fp8Calibration` (scales per layer, and key
     shifts: keys are stored minus their shift, and attention reads them as stored, since a shift
     common to all keys does not change softmax; the PyTorch reference adds it back on read).
@@ -76,16 +83,16 @@ class QuantizedPagedKVCache:
                             ("head_dim", head_dim)):
             if value <= 0:
                 raise ValueError(f"QuantizedPagedKVCache: {name} must be positive, got {value}")
-        self.bits = int4.FORMAT_BITS.get(kv_cache_dtype)     # 4 or 2 for the KIVI formats, else None
-        if self.bits:
-            int4.value_group(head_dim, self.bits)  # raises for a head_dim it cannot group or pack
-        if fp8_calibration is not None and kv_cache_dtype != "fp8":
-            raise ValueError(f"fp8_calibration is only for kv_cache_dtype='fp8', not {kv_cache_dtype!r}")
         if not isinstance(keep_sink_token, bool):
             raise ValueError(f"keep_sink_token must be True or False, got {keep_sink_token!r}")
-        if keep_sink_token and self.bits and block_size < 2:
+        self.codec = make_codec(kv_cache_dtype, num_layers, num_blocks, block_size, num_kv_heads,
+                                head_dim, device, fp8_calibration)
+        if keep_sink_token and self.codec.seals_blocks and block_size < 2:
             raise ValueError(f"keep_sink_token with {kv_cache_dtype} needs block_size >= 2 (the first "
                              f"block's key scales come from its other tokens), got {block_size}")
+        self.rows = RowPool(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device,
+                            residual=self.codec.seals_blocks, sinks=keep_sink_token,
+                            residual_rows=residual_rows, sink_rows=sink_rows)
         self.kv_cache_dtype = kv_cache_dtype
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
@@ -95,39 +102,29 @@ class QuantizedPagedKVCache:
         self.fused = attention_backend == "triton"
         self.scale = 1.0 / math.sqrt(head_dim)
         self.metadata, self._closed = None, True
-        NB, BS, H, D, dev = num_blocks, block_size, num_kv_heads, head_dim, self.device
 
-        def zeros(*shape, dt):
-            return [torch.zeros(shape, dtype=dt, device=dev) for _ in range(num_layers)]
+    # the codec's storage, per layer (what the kernels read; tests compare it across backends)
+    k_cache = _codec_storage("k_cache", "codes of the keys, one [NB, BS, Hkv, ...] tensor per layer")
+    v_cache = _codec_storage("v_cache", "codes of the values, per layer")
+    k_scale = _codec_storage("k_scale", "key scales, per layer (layout: docs/architecture.md section 4)")
+    v_scale = _codec_storage("v_scale", "value scales, per layer")
+    k_zero = _codec_storage("k_zero", "int4/int2: key zero points, per layer")
+    v_zero = _codec_storage("v_zero", "int4/int2: value zero points, per layer")
+    k_shift = _codec_storage("k_shift", "fp8: the key shift [Hkv, D] per layer, or None")
 
-        f16 = torch.float16
-        if kv_cache_dtype == "int8":
-            self.k_cache, self.v_cache = (zeros(NB, BS, H, D, dt=torch.int8) for _ in "kv")
-            self.k_scale, self.v_scale = (zeros(NB, BS, H, dt=f16) for _ in "kv")
-        elif kv_cache_dtype == "fp8":
-            self.k_cache, self.v_cache = (zeros(NB, BS, H, D, dt=fp8.FP8) for _ in "kv")
-            cal = fp8_calibration or fp8.Fp8Calibration([1.0] * num_layers, [1.0] * num_layers)
-            cal = cal.check(num_layers, num_kv_heads, head_dim)
-            self.k_scale, self.v_scale = ([x.to(dev) for x in xs] for xs in (cal.k_scales, cal.v_scales))
-            self.k_shift = None if cal.k_shift is None else [x.to(dev) for x in cal.k_shift]
-        else:  # int4, int2
-            G = D // int4.value_group(D, self.bits)
-            self.k_cache, self.v_cache = (zeros(NB, BS, H, D * self.bits // 8, dt=torch.uint8) for _ in "kv")
-            self.k_scale, self.k_zero = (zeros(NB, H, D, dt=f16) for _ in "sz")
-            self.v_scale, self.v_zero = (zeros(NB, BS, H, G, dt=f16) for _ in "sz")
-            self.residual = Int4Residual.create(num_layers, NB, BS, H, D, dtype, dev, residual_rows or 16,
-                                                fixed=residual_rows is not None)
-        self.sinks = create_sink_pool(num_layers, NB, H, D, dtype, dev, sink_rows or 16,
-                                      fixed=sink_rows is not None) if keep_sink_token else None
+    @property
+    def residual(self):
+        """int4/int2: the residual pool (kvlab.quant.residual.Int4Residual) of the row pool."""
+        return self.rows.residual
 
-    def _k_shift(self, layer: int):
-        """fp8 key smoothing: the shift [Hkv, D] of `layer`, or None."""
-        return self.k_shift[layer] if self.kv_cache_dtype == "fp8" and self.k_shift is not None else None
+    @residual.setter
+    def residual(self, pool) -> None:
+        self.rows.residual = pool
 
-    def _smooth(self, layer: int, k: torch.Tensor) -> torch.Tensor:
-        """Keys minus the layer's shift, in float32 then back to k's dtype (the same on both paths)."""
-        shift = self._k_shift(layer)
-        return k if shift is None else (k.float() - shift).to(k.dtype)
+    @property
+    def sinks(self):
+        """keep_sink_token: the sink pool of the row pool, else None."""
+        return self.rows.sinks
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -135,31 +132,6 @@ class QuantizedPagedKVCache:
         """Bytes of one block id across all layers, K and V, codes and scales (kvlab.quant)."""
         return num_layers * num_kv_heads * bytes_per_block_per_head(head_dim, kv_cache_dtype,
                                                                     block_size, dtype)
-
-    @property
-    def num_residual_blocks(self) -> int:
-        """int4, int2: full-precision blocks (residual rows) currently held (0 for the other formats)."""
-        return self.residual.rows_in_use if self.bits else 0
-
-    @property
-    def residual_bytes(self) -> int:
-        """int4, int2: bytes of the full-precision residual pool now."""
-        return self.residual.nbytes if self.bits else 0
-
-    @property
-    def sink_bytes(self) -> int:
-        """keep_sink_token: bytes of the full-precision sink rows now."""
-        return self.sinks.nbytes if self.sinks is not None else 0
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of every tensor this cache holds: codes, scales, zeros, key shifts, rows."""
-        ts = [*self.k_cache, *self.v_cache, *self.k_scale, *self.v_scale]
-        if self.bits:
-            ts += [*self.k_zero, *self.v_zero]
-        if self.kv_cache_dtype == "fp8" and self.k_shift is not None:
-            ts += list(self.k_shift)
-        return sum(t.numel() * t.element_size() for t in ts) + self.residual_bytes + self.sink_bytes
 
     @staticmethod
     def fixed_bytes(num_layers: int, num_kv_heads: int, head_dim: int, kv_cache_dtype: str) -> int:
@@ -169,35 +141,43 @@ class QuantizedPagedKVCache:
             return 0
         return num_layers * 4 * (2 * num_kv_heads + num_kv_heads * head_dim)
 
-    def discard_blocks(self, block_ids) -> None:
-        """The block manager dropped these blocks' contents: int4's residual rows and the blocks'
-        sink rows, if any, go back (nothing else is kept per block outside the pool)."""
-        block_ids = list(block_ids)
-        if self.bits:
-            self.residual.discard(block_ids)
-        if self.sinks is not None:
-            self.sinks.discard(block_ids)
+    @property
+    def num_residual_blocks(self) -> int:
+        """int4, int2: full-precision blocks (residual rows) currently held (0 for the other formats)."""
+        return self.rows.residual_rows_in_use
 
-    def discard_block(self, block_id: int) -> None:
-        self.discard_blocks([block_id])
+    @property
+    def residual_bytes(self) -> int:
+        """int4, int2: bytes of the full-precision residual pool now."""
+        return self.rows.residual_bytes
+
+    @property
+    def sink_bytes(self) -> int:
+        """keep_sink_token: bytes of the full-precision sink rows now."""
+        return self.rows.sink_bytes
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor this cache holds: codes, scales, zeros, key shifts, rows."""
+        return self.codec.nbytes + self.rows.nbytes
+
+    # ---- the step -------------------------------------------------------------------------------
+    def discard_blocks(self, block_ids) -> None:
+        """The block manager dropped these blocks' contents: their rows, if any, go back."""
+        self.rows.discard(block_ids)
 
     def begin_step(self, metadata, freed_blocks=()) -> None:
         """Called by the engine's runner before each forward pass: first the blocks dropped since
-        the last step give their rows back (one of them may be written again this step), then
-        int4 opens this step's residual rows, and the first blocks whose position 0 this step
-        writes get their sink rows."""
-        self.discard_blocks(freed_blocks)
+        the last step give their rows back (one of them may be written again this step), then the
+        step's residual and sink rows open (kvlab/cache/rows.py)."""
+        self.rows.begin_step(metadata, freed_blocks)
         self.metadata, self._closed = metadata, False
-        if metadata is not None and self.bits:
-            self.residual.open(metadata.slot_mapping)
-        if metadata is not None and self.sinks is not None:
-            self.sinks.assign(sink_blocks(metadata.block_tables, metadata.slot_mapping, self.block_size))
 
     def advance(self, num_tokens: int) -> None:
         """The model's forward ended (kvlab/cache/base.py): the blocks the step sealed give their
         residual rows back, this step's attention has read them (positions live in the metadata)."""
-        if self.metadata is not None and self.bits and not self._closed:
-            self.residual.close(self.metadata.slot_mapping)
+        if self.metadata is not None and not self._closed:
+            self.rows.close(self.metadata.slot_mapping)
         self._closed = True
 
     def end_step(self) -> None:
@@ -212,89 +192,34 @@ class QuantizedPagedKVCache:
         self.begin_step(metadata)
 
     def kernel_args(self, layer: int) -> dict:
-        """The quantization keyword arguments of kvlab.attention.paged_triton for one layer."""
-        a = dict(k_scale=self.k_scale[layer], v_scale=self.v_scale[layer])
-        if self.bits:
-            a.update(k_zero=self.k_zero[layer], v_zero=self.v_zero[layer], **self.residual.args(layer))
-        if self.sinks is not None:
-            a.update(sink_args(self.sinks, layer))
-        return a
+        """The quantization and row keyword arguments of kvlab.attention.paged_triton for one layer."""
+        return self.codec.kernel_args(layer) | self.rows.kernel_args(layer)
 
     # ---- the PyTorch reference: write and read ------------------------------------------------
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        """Quantize k, v [N, Hkv, D] into `slots` with kvlab.quant (what the write kernels do)."""
+        """Quantize k, v [N, Hkv, D] into `slots` with kvlab.quant (what the write kernels do):
+        per-token codecs at once; KIVI's tokens into their residual rows, then every block this
+        write filled is encoded from its row. Sinks are also stored in their rows."""
         keep = slots >= 0
-        k, v, slots = k[keep], v[keep], slots[keep]
-        NB, BS, H, D = self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim
-        if self.kv_cache_dtype == "int8":
-            for x, codes, scales in ((k, self.k_cache, self.k_scale), (v, self.v_cache, self.v_scale)):
-                q, s = int8.quantize_int8(x)
-                codes[layer].view(NB * BS, H, D).index_copy_(0, slots, q)
-                scales[layer].view(NB * BS, H).index_copy_(0, slots, s)
-        elif self.kv_cache_dtype == "fp8":
-            for x, codes, scale in ((self._smooth(layer, k), self.k_cache, self.k_scale),
-                                    (v, self.v_cache, self.v_scale)):
-                q = fp8.quantize_fp8(x, scale[layer]).view(torch.uint8)  # CPU index_copy_ lacks fp8
-                codes[layer].view(torch.uint8).view(NB * BS, H, D).index_copy_(0, slots, q)
-        else:  # int4, int2: rows into the residual pool, then seal the blocks this write filled
-            res = self.residual
-            rows = res.res_slot[slots // BS].long()
-            if bool((rows < 0).any()):
-                raise RuntimeError("int4 write to a block without a residual row: call set_metadata "
-                                   "with this step's slot mapping first")
-            flat = rows * BS + slots % BS
-            for x, pool in ((k, res.k_res[layer]), (v, res.v_res[layer])):
-                pool.view(-1, H, D).index_copy_(0, flat, x.to(pool.dtype))
-            for b in sealed_blocks(slots, BS).tolist():
-                r = int(res.res_slot[b])
-                sink = self.sinks is not None and int(self.sinks.res_slot[b]) >= 0
-                (self.k_cache[layer][b], self.k_scale[layer][b],
-                 self.k_zero[layer][b]) = int4.quantize_keys(res.k_res[layer][r], self.bits, skip_first=sink)
-                (self.v_cache[layer][b], self.v_scale[layer][b],
-                 self.v_zero[layer][b]) = int4.quantize_values(res.v_res[layer][r], bits=self.bits)
-        if self.sinks is None:
-            return
-        rows = self.sinks.res_slot[slots // BS].long()
-        hit = (slots % BS == 0) & (rows >= 0)    # position 0 of a sequence: also kept unquantized
-        if bool(hit.any()):
-            for x, pool in ((self._smooth(layer, k), self.sinks.k_res[layer]), (v, self.sinks.v_res[layer])):
-                pool[rows[hit], 0] = x[hit].to(pool.dtype)
+        k, v, slots = self.codec.store_keys(layer, k[keep]), v[keep], slots[keep]
+        if self.codec.seals_blocks:
+            blocks = self.rows.write_residual(layer, k, v, slots)
+            kb, vb = self.rows.residual_blocks(layer, blocks)
+            BS = self.block_size
+            block_slots = (blocks[:, None] * BS + torch.arange(BS, device=blocks.device)).flatten()
+            self.codec.encode(layer, kb.flatten(0, 1), vb.flatten(0, 1), block_slots,
+                              skip_first=self.rows.has_sink(blocks))
+        else:
+            self.codec.encode(layer, k, v, slots)
+        self.rows.write_sinks(layer, k, v, slots)
 
     def dequantize_blocks(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Full-precision K and V [len(blocks), BS, Hkv, D] of the given block ids (model dtype);
-        int4 blocks that still hold a residual row are read from it, and the offset-0 token of a
-        block with a sink row from that row."""
-        k, v = self._dequantize(layer, blocks.long())
-        if self.sinks is None:
-            return k, v
-        rows = self.sinks.res_slot[blocks.long()].long()
-        hot = rows >= 0
-        if bool(hot.any()):
-            sk = self.sinks.k_res[layer][rows[hot], 0]
-            shift = self._k_shift(layer)      # stored minus the shift, like every fp8 key
-            k[hot, 0] = (sk if shift is None else sk.float() + shift).to(k.dtype)
-            v[hot, 0] = self.sinks.v_res[layer][rows[hot], 0].to(v.dtype)
-        return k, v
-
-    def _dequantize(self, layer: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dt = self.dtype
-        if self.kv_cache_dtype == "int8":
-            return (int8.dequantize_int8(self.k_cache[layer][b], self.k_scale[layer][b], dt),
-                    int8.dequantize_int8(self.v_cache[layer][b], self.v_scale[layer][b], dt))
-        if self.kv_cache_dtype == "fp8":
-            return (fp8.dequantize_fp8(self.k_cache[layer][b], self.k_scale[layer], dt,
-                                       self._k_shift(layer)),
-                    fp8.dequantize_fp8(self.v_cache[layer][b], self.v_scale[layer], dt))
-        k = int4.dequantize_keys(self.k_cache[layer][b], self.k_scale[layer][b], self.k_zero[layer][b], dt,
-                                 self.bits)
-        v = int4.dequantize_values(self.v_cache[layer][b], self.v_scale[layer][b], self.v_zero[layer][b], dt,
-                                   self.bits)
-        rows = self.residual.res_slot[b].long()
-        hot = rows >= 0
-        if bool(hot.any()):  # partial blocks, and blocks sealed this step: the residual window
-            k[hot] = self.residual.k_res[layer][rows[hot]].to(dt)
-            v[hot] = self.residual.v_res[layer][rows[hot]].to(dt)
-        return k, v
+        blocks that still hold a residual row are read from it, and the offset-0 token of a block
+        with a sink row from that row."""
+        b = blocks.long()
+        k, v = self.codec.decode(layer, b, self.dtype)
+        return self.rows.overlay(layer, b, k, v, self.codec.load_keys)
 
     def _attend_reference(self, layer: int, q, k, v, m) -> torch.Tensor:
         self.write(layer, k, v, m.slot_mapping)
@@ -312,11 +237,10 @@ class QuantizedPagedKVCache:
     # ---- the fused path: the Triton kernels read the quantized blocks -------------------------
     def _attend_fused(self, layer: int, q, k, v, m) -> torch.Tensor:
         kc, vc, a = self.k_cache[layer], self.v_cache[layer], self.kernel_args(layer)
-        # int4, int2: set_metadata gave every written block a row, so the write's host-side check
-        # of the slots (a device sync per layer) is not needed
-        unchecked = dict(check_slots=False) if self.bits else {}
-        k = self._smooth(layer, k)  # fp8 key smoothing: stored minus the shift, read as stored
-        self.ops.reshape_and_cache(k, v, kc, vc, m.slot_mapping, **a, **unchecked)
+        k = self.codec.store_keys(layer, k)  # fp8 key smoothing: stored minus the shift, read as stored
+        # KIVI: begin_step gave every written block a row, so the write's host-side check of the
+        # slots (a device sync per layer) is not needed
+        self.ops.reshape_and_cache(k, v, kc, vc, m.slot_mapping, **a, check_slots=not self.codec.seals_blocks)
         if m.is_decode:
             return self.ops.paged_decode_attention(q, kc, vc, m.block_tables, m.context_lens,
                                                    self.scale, **a)
@@ -328,4 +252,3 @@ class QuantizedPagedKVCache:
         m = step_metadata(self, q)
         attend = self._attend_fused if self.fused else self._attend_reference
         return attend(layer, q[0], k[0], v[0], m).unsqueeze(0)
-

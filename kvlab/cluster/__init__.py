@@ -2,7 +2,7 @@
 prefill/decode disaggregation (chapter 12).
 
 Every module here is a *model*: a simulation driven by published hardware numbers and analytic
-costs (`kvlab.forward_cost`), not a measurement of a real cluster. Each number carries its source.
+costs (`kvlab.costs.forward_cost`), not a measurement of a real cluster. Each number carries its source.
 
 - `hardware`  -- link and storage bandwidths and capacities, each with its datasheet
 - `sessions`  -- multi-turn chat traces whose prompts share system prompts and history

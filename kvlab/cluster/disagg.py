@@ -21,8 +21,8 @@ is the colocated answer: each step carries all decodes plus a bounded slice of p
   decode GPU with the fewest sequences, which runs decode-only steps.
 
 **Step time** is the roofline of the whole step (`step_seconds`): max(FLOPs / (mfu x peak), bytes /
-(mbu x bandwidth)), with the FLOPs and bytes of `kvlab.forward_cost` (weights read once per step,
-KV read per sequence; FLOPs as `kvlab.flops` counts them). `step_seconds_reference` sums
+(mbu x bandwidth)), with the FLOPs and bytes of `kvlab.costs.forward_cost` (weights read once per step,
+KV read per sequence; FLOPs as `kvlab.costs.flops` counts them). `step_seconds_reference` sums
 `forward_cost` calls, its slow twin. No KV capacity limit besides `max_batch` sequences per GPU, no
 CPU overheads: a model, not a measurement.
 The first token comes out of the prefill step (TTFT); TPOT is the mean gap between later tokens.
@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvlab.cluster.hardware import Link
-from kvlab.flops import weight_split
-from kvlab.forward_cost import forward_cost
-from kvlab.memory import as_kv_config, kv_bytes_per_token
+from kvlab.costs.flops import weight_split
+from kvlab.costs.forward_cost import forward_cost
+from kvlab.costs.memory import as_kv_config, kv_bytes_per_token
 
 MODES = ("colocated", "chunked", "disagg")
 
@@ -81,7 +81,7 @@ class CostModel:
         return max(flops / (self.mfu * m.peak_flops), (wbytes + kv) / (self.mbu * m.bandwidth))
 
     def step_seconds_reference(self, chunks=(), decode_contexts=()) -> float:
-        """The slow twin: the same step from `kvlab.forward_cost.forward_cost`, one call per sequence."""
+        """The slow twin: the same step from `kvlab.costs.forward_cost.forward_cost`, one call per sequence."""
         costs = [forward_cost(self.config, n, c) for n, c in chunks]
         costs += [forward_cost(self.config, 1, c) for c in decode_contexts]
         if not costs:
@@ -143,7 +143,7 @@ class DisaggResult:
 
 def simulate(trace, mode: str, cost: CostModel, num_gpus: int = 2, num_prefill: int = 1,
              link: Link | None = None, max_prefill_tokens: int = 4096, max_batch: int = 256) -> DisaggResult:
-    """Run `trace` (kvlab.traces.Request: arrival_time, prompt_len, output_len) through `mode`."""
+    """Run `trace` (kvlab.lab.traces.Request: arrival_time, prompt_len, output_len) through `mode`."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if num_gpus < 1 or (mode == "disagg" and not 1 <= num_prefill < num_gpus):

@@ -202,8 +202,8 @@ class PrefixCache:
 
 def block_cost_flops(config, block_size: int):
     """cost_of(depth) for a model: FLOPs to recompute block `depth` (weights and attention over the
-    depth x block_size tokens before it), from `kvlab.forward_cost.forward_cost`."""
-    from kvlab.forward_cost import forward_cost
+    depth x block_size tokens before it), from `kvlab.costs.forward_cost.forward_cost`."""
+    from kvlab.costs.forward_cost import forward_cost
 
     def cost_of(depth: int) -> float:
         return forward_cost(config, block_size, depth * block_size, logit_rows=0).flops

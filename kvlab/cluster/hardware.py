@@ -8,7 +8,7 @@ overhead, small transfers, contention), so every time computed from them is a lo
 
 | name | per direction | source |
 |---|---|---|
-| `HBM3 (H100 SXM)` | 3.35 TB/s | NVIDIA H100 Tensor Core GPU datasheet (also `kvlab.roofline.GPUS`) |
+| `HBM3 (H100 SXM)` | 3.35 TB/s | NVIDIA H100 Tensor Core GPU datasheet (also `kvlab.costs.roofline.GPUS`) |
 | `NVLink 4 (H100 SXM)` | 450 GB/s | H100 datasheet: 900 GB/s NVLink, counted over both directions |
 | `PCIe 5.0 x16` | 64 GB/s | PCI-SIG PCIe 5.0 spec: 32 GT/s x 16 lanes (63 GB/s after 128b/130b) |
 | `InfiniBand NDR (ConnectX-7)` | 50 GB/s | NVIDIA ConnectX-7 datasheet: 400 Gb/s per port |

@@ -8,7 +8,7 @@ memory and SSD. The question for each request is whether the copy back is cheape
 prefilling those tokens again.
 
 **The break-even.** Recomputing a prefix of n tokens costs the prefill FLOPs
-(`kvlab.flops`): 2 x W x n for the matmul weights W plus 2 x H x D x L x n (n + 1) for causal
+(`kvlab.costs.flops`): 2 x W x n for the matmul weights W plus 2 x H x D x L x n (n + 1) for causal
 attention (H query heads of size D, L layers), at `mfu` x peak FLOP/s. It is counted as FLOPs only:
 the recomputed tokens ride in a prefill that reads the weights anyway. Reloading costs
 latency + n x (KV bytes per token) / bandwidth. Per token, recompute grows with n (attention),
@@ -30,9 +30,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from kvlab.cluster.hardware import Link
-from kvlab.flops import weight_split
-from kvlab.forward_cost import forward_cost
-from kvlab.memory import as_kv_config, kv_bytes_per_token
+from kvlab.costs.flops import weight_split
+from kvlab.costs.forward_cost import forward_cost
+from kvlab.costs.memory import as_kv_config, kv_bytes_per_token
 
 
 def _check(config, machine, mfu):

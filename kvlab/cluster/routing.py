@@ -135,8 +135,8 @@ def route_trace(trace, num_replicas: int, policy: str, config, machine, budget_b
 
 def decode_seconds_per_token(config, machine, batch: int, context: int, dtype_bytes: float = 2) -> float:
     """One sequence's share of a decode step on `machine`: the roofline time of a step of `batch`
-    sequences of `context` tokens (`kvlab.forward_cost`), divided by `batch`."""
-    from kvlab.forward_cost import forward_cost
+    sequences of `context` tokens (`kvlab.costs.forward_cost`), divided by `batch`."""
+    from kvlab.costs.forward_cost import forward_cost
 
     if batch < 1 or context < 0:
         raise ValueError(f"batch must be >= 1 and context >= 0, got batch={batch}, context={context}")

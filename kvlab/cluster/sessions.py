@@ -1,6 +1,6 @@
 """Multi-turn chat traces with shared system prompts: the workload a prefix cache is for.
 
-`kvlab.traces` draws independent requests with lengths only. Prefix caching, eviction and
+`kvlab.lab.traces` draws independent requests with lengths only. Prefix caching, eviction and
 prefix-aware routing need *token ids*, and the sharing that real chat traffic has:
 
 - **shared system prompts**: every session starts with one of `num_system_prompts` fixed prompts,
@@ -10,7 +10,7 @@ prefix-aware routing need *token ids*, and the sharing that real chat traffic ha
   and a new user message, so consecutive turns share everything but the newest message.
 
 Sessions arrive as a Poisson process; the gap between a session's turns is exponential
-(`think_time`, the user reading and typing). Lengths are log-normal (`kvlab.traces.LogNormalLengths`).
+(`think_time`, the user reading and typing). Lengths are log-normal (`kvlab.lab.traces.LogNormalLengths`).
 Defaults: user messages and answers use the LMSYS-Chat-1M means (69.5 and 214.5 tokens per prompt
 and response; Zheng et al., 2023, "LMSYS-Chat-1M", Table 1), which also reports 2.0 turns per
 conversation on average: the default `mean_turns` is that. Turns per session are geometric. The
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvlab.traces import LogNormalLengths
+from kvlab.lab.traces import LogNormalLengths
 
 
 @dataclass(frozen=True)

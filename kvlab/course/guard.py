@@ -3,7 +3,7 @@
 Hidden tests run a student's answer inside `forbid(...)` so that the reference the exercise mirrors
 (and the library call that does the whole job) cannot stand in for the student's own code:
 
-    with forbid("torch.softmax", "kvlab.attention_math.repeat_kv", reason="write it yourself"):
+    with forbid("torch.softmax", "kvlab.lab.attention_math.repeat_kv", reason="write it yourself"):
         out = stable_softmax(x)
 
 A target is an object or a dotted name. Interception is by identity, not by the name the student

@@ -14,7 +14,7 @@ The BEGIN QUESTION yaml of a master carries the grading metadata (otter ignores 
     points: 2
     difficulty: 2          # 1 warm-up, 2 core, 3 stretch
     minutes: 20            # estimated study time
-    forbid: [torch.softmax, kvlab.attention_math.stable_softmax]
+    forbid: [torch.softmax, kvlab.lab.attention_math.stable_softmax]
 
 `solution_cells(notebook)` finds each question's answer in a student's notebook: the code cells
 tagged `otter_assign_solution_cell` before its `grader.check("name")` cell (or, untagged, the code

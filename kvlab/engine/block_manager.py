@@ -145,6 +145,11 @@ class BlockManager:
     def num_free_blocks(self) -> int:
         return len(self.free_queue)
 
+    @property
+    def num_cached_first_blocks(self) -> int:
+        """Free blocks that still hold a sequence's first block (each keeps its sink row)."""
+        return len(self._free_first)
+
     def usage(self) -> float:
         """Fraction of blocks referenced by at least one sequence (vLLM's kv_cache_usage_perc)."""
         return 1.0 - len(self.free_queue) / self.num_blocks

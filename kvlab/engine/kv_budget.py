@@ -9,7 +9,8 @@ Everything the KV cache holds comes out of one budget, `kv_cache_memory_bytes` (
   in use, and a step holds at most one partial block per running sequence plus the blocks it
   writes, so `min(num_blocks, ceil(max_num_batched_tokens / block_size) + 2 * max_num_seqs)` rows
   always suffice: any schedule the scheduler may plan (at most `max_num_seqs` sequences and
-  `max_num_batched_tokens` tokens) fits, and counting blocks at admission counts rows too;
+  `max_num_batched_tokens` tokens) fits; admission counts rows as well (kvlab/engine/row_budget.py),
+  so a pool smaller than this bound would make requests wait, never overflow;
 - **sink rows** (`keep_sink_token`, kvlab/quant/sink.py): one token per first block that is in
   use (at most `max_num_seqs`) or cached; the block manager keeps at most `max_num_seqs` free
   cached first blocks (`max_cached_first_blocks`), so `min(num_blocks, 2 * max_num_seqs)` rows;

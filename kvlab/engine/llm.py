@@ -29,6 +29,7 @@ from kvlab.engine.metrics import render_prometheus
 from kvlab.engine.model_runner import ModelRunner
 from kvlab.engine.outputs import CompletionOutput, RequestOutput
 from kvlab.engine.protocols import BLOCK_ALLOCATOR_METHODS, check_protocol
+from kvlab.engine.row_budget import RowBudget
 from kvlab.engine.sampling import SamplingParams
 from kvlab.engine.scheduler import Scheduler
 from kvlab.engine.sequence import Sequence
@@ -149,8 +150,9 @@ class LLM:
                 allocator = BlockManager(plan.num_blocks, block_size, prefix_cache == "hash",
                                          max_cached_first_blocks=max_num_seqs if keep_sink_token else None)
         self.prefix_cache = prefix_cache if isinstance(prefix_cache, str) else "custom"
+        rows = RowBudget(block_size, plan.residual_rows, plan.sink_rows)
         scheduler = Scheduler(allocator, max_num_seqs, self.max_num_batched_tokens,
-                              scheduling_policy, enable_chunked_prefill)
+                              scheduling_policy, enable_chunked_prefill, rows)
         self.engine = EngineCore(scheduler, ModelRunner(self.model, self.cache), self.max_model_len,
                                  eos, self.tokenizer, self.model.device)
 

@@ -62,6 +62,7 @@ class RadixCache:
         self.prefix_cache_hits = 0
         self.num_evicted_blocks = 0                   # slots evicted from the tree
         self._events: list[int] = []                  # slots dropped since take_events()
+        self._rolled_back: dict[int, int] = {}        # seq_id -> tokens computed (failed step)
 
     def take_events(self) -> list[int]:
         """Slots whose contents were dropped (freed or evicted) since the last call."""
@@ -73,7 +74,13 @@ class RadixCache:
         return self._match_len(seq)[0]
 
     def register_computed(self, seq, num_computed: int) -> None:
-        """Nothing to do: an admitted prompt entered the tree at allocate (see the module doc)."""
+        """An admitted prompt entered the tree at allocate (see the module doc), so there is
+        nothing to register. A smaller count than its prompt is the scheduler's rollback of a
+        failed admission step: the prompt's K/V were never written, so at `deallocate` the
+        tree's tokens of seq's path beyond `num_computed` are taken out (`_rolled_back`)."""
+        state = self._seqs.get(seq.seq_id)
+        if state is not None and state[0] is not None and num_computed < state[1]:
+            self._rolled_back[seq.seq_id] = num_computed
 
     # ---- queries ---------------------------------------------------------------------------
     @property
@@ -264,6 +271,13 @@ class RadixCache:
             self._events.extend(table)
             table.clear()
             return
+        computed = self._rolled_back.pop(seq.seq_id, None)
+        if computed is not None:                       # a failed step: nothing of it is kept
+            self._unlock(node)
+            self._free(list(own) + table[prompt_len:])
+            self._remove_beyond(self._root(seq.cache_salt), seq.token_ids[:prompt_len], computed)
+            table.clear()
+            return
         n = max(len(seq) - 1, prompt_len)
         free = list(own)
         if n > prompt_len:
@@ -271,6 +285,36 @@ class RadixCache:
             free += table[prompt_len:max(present, prompt_len)]
         free += table[n:]
         self._unlock(node)
-        self.free_slots.extend(free)
-        self._events.extend(free)
+        self._free(free)
         table.clear()
+
+    def _free(self, slots) -> None:
+        self.free_slots.extend(slots)
+        self._events.extend(slots)
+
+    def _remove_beyond(self, root: Node, tokens, depth: int) -> None:
+        """Take out of the tree the tokens of path `tokens` past the first `depth` (their K/V were
+        never computed): the unlocked subtree below that point goes, its slots freed. A locked
+        part belongs to another sequence of the same failed step; its own rollback removes it."""
+        node, i = root, 0
+        while i < len(tokens):
+            child = node.children.get(tokens[i])
+            if child is None or child.key != tuple(tokens[i:i + len(child.key)]):
+                return
+            if i + len(child.key) > depth:
+                if i < depth:                          # the cut falls inside this edge
+                    self._split(child, depth - i)
+                    child = node.children[tokens[i]].children[tokens[depth]]
+                    node = child.parent
+                if child.lock_ref:
+                    return
+                del node.children[child.key[0]]
+                stack = [child]
+                while stack:
+                    n = stack.pop()
+                    self.evictable_size -= len(n.key)
+                    self._free(n.slots)
+                    stack.extend(n.children.values())
+                return
+            i += len(child.key)
+            node = child

@@ -42,6 +42,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kvlab.engine.row_budget import RowBudget
 from kvlab.engine.sequence import Sequence, SequenceStatus
 
 SchedulingPolicy = Callable[[list[Sequence]], list[Sequence]]
@@ -118,12 +119,13 @@ class Schedule:
 
 class Scheduler:
     """Scheduler(block_manager, max_num_seqs, max_num_batched_tokens, scheduling_policy=None,
-    enable_chunked_prefill=False). It alone owns `block_manager` (kvlab/engine/protocols.py,
-    `BlockAllocator`: kvlab's BlockManager, RadixCache, or a student's object)."""
+    enable_chunked_prefill=False, rows=None). It alone owns `block_manager` (kvlab/engine/protocols.py,
+    `BlockAllocator`: kvlab's BlockManager, RadixCache, or a student's object). `rows`: the
+    cache's row pools (kvlab/engine/row_budget.py, `RowBudget`), counted at admission as blocks are."""
 
     def __init__(self, block_manager, max_num_seqs: int, max_num_batched_tokens: int,
                  scheduling_policy: SchedulingPolicy | str | None = None,
-                 enable_chunked_prefill: bool = False):
+                 enable_chunked_prefill: bool = False, rows: RowBudget | None = None):
         if max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs must be positive, got {max_num_seqs}")
         if max_num_batched_tokens < max_num_seqs:
@@ -137,6 +139,7 @@ class Scheduler:
             raise ValueError(f"enable_chunked_prefill needs a block manager that registers blocks "
                              f"chunk by chunk; {type(block_manager).__name__} does not")
         self.enable_chunked_prefill = enable_chunked_prefill
+        self.rows = rows or RowBudget(getattr(block_manager, "block_size", 1))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []          # in admission order, oldest first
         self.num_preemptions = 0
@@ -178,16 +181,23 @@ class Scheduler:
         num_tokens = len(decodes)
         # 2. chunked prefill: the next chunk of each prompt in progress, oldest first
         self.running = [s for s in self.running if s in decodes or s in prefilling]
+        rows = self.rows
+        rows_used = sum(rows.rows_for(it.start, it.end) for it in items) + sum(map(rows.held, prefilling))
         while prefilling and num_tokens < self.max_num_batched_tokens:
             seq = prefilling.pop(0)
             start = seq.num_computed_tokens
-            n = self._fit(seq, start, min(len(seq) - start, self.max_num_batched_tokens - num_tokens))
+            want = min(len(seq) - start, self.max_num_batched_tokens - num_tokens)
+            fit_rows = rows.fit(start, want, rows_used)
+            if fit_rows <= 0:                      # its rows do not fit this step: it waits
+                continue
+            n = self._fit(seq, start, fit_rows)
             if n <= 0:                             # no block for even one token: free the newest
                 self.preempt(prefilling.pop() if prefilling else seq)
                 preempted = True
                 if seq.status is SequenceStatus.RUNNING:
                     prefilling.insert(0, seq)
                 continue
+            rows_used += rows.rows_for(start, start + n) - rows.held(seq)
             bm.may_append(seq, start + n)
             bm.register_computed(seq, start + n)
             items.append(ScheduledChunk(seq, start, n))
@@ -204,8 +214,9 @@ class Scheduler:
                 cached = bm.lookup(seq)            # prefix-cache hits cost no token budget
                 n = len(seq) - cached
                 if chunked:
-                    n = min(n, room)
-                if n <= 0 or n > room or not bm.can_allocate(seq, cached + n):
+                    n = rows.fit(cached, min(n, room), rows_used)
+                if (n <= 0 or n > room or rows_used + rows.rows_for(cached, cached + n) > rows.residual_rows > 0
+                        or not rows.sinks_fit(self.running, bm, cached) or not bm.can_allocate(seq, cached + n)):
                     break                          # head-of-line: no overtaking (FCFS semantics)
                 self.waiting.popleft()
                 bm.allocate(seq, cached + n)
@@ -214,6 +225,7 @@ class Scheduler:
                 seq.status = SequenceStatus.RUNNING
                 items.append(ScheduledChunk(seq, cached, n))
                 num_tokens += n
+                rows_used += rows.rows_for(cached, cached + n)
                 self.running.append(seq)
         for item in items:                         # planning the step is advancing it
             item.seq.num_computed_tokens = item.end

@@ -9,7 +9,7 @@ K/V went, and what the block pool and the queues looked like.
 Attaching replaces `llm.runner` by a `TracingRunner`, a `ModelRunner` whose `prepare` also hands
 what it prepared to a callback. Nothing else in the engine changes, so the tokens are the same
 (tests/test_engine_trace.py checks it). Every forward pass the engine runs while attached is
-recorded, also those driven by `llm.generate` or `kvlab.batching.serve`; those records carry the
+recorded, also those driven by `llm.generate` or `kvlab.lab.batching.serve`; those records carry the
 state *before* the forward (schedule, block tables, slots, pool, queues). `tracer.step()` also fills
 in what the step produced: the sampled tokens, the finished requests and the free blocks after it.
 """

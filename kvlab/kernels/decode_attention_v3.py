@@ -26,7 +26,7 @@ tile is converted in registers, and the scales are folded where they cost least:
         their block's per-channel scale/zero [D], values with the token's per-group scale/zero
         [D/32], widened to [D]. Tokens of a block that still has a residual row (res_slot[block]
         >= 0: the partial last block, or one sealed this step) are read in full precision from the
-        residual pool instead, as kvlab.quant.paged reads its residual window; only tiles that
+        residual pool instead, as kvlab.cache.quantized reads its residual window; only tiles that
         reach such a block load from the pool. The dots see the numbers kvlab.quant.int4
         dequantizes.
   int2  (KIVI's 2-bit setting) the same tile with four codes per byte, unpacked by two rounds of

@@ -171,12 +171,16 @@ def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                       k_scale: torch.Tensor | None = None,
                       v_scale: torch.Tensor | None = None, *,
                       sink_k: torch.Tensor | None = None, sink_v: torch.Tensor | None = None,
-                      sink_slot: torch.Tensor | None = None, **int4) -> None:
+                      sink_slot: torch.Tensor | None = None, k_zero: torch.Tensor | None = None,
+                      v_zero: torch.Tensor | None = None, k_res: torch.Tensor | None = None,
+                      v_res: torch.Tensor | None = None, res_slot: torch.Tensor | None = None,
+                      check_slots: bool = True) -> None:
     """Write k, v [N, Hkv, D] into slots `slot_mapping` [N] (int64) of [NB, BS, Hkv, D] caches.
 
     For an int8 cache, k_scale/v_scale [NB, BS, Hkv] float16 are written too; for fp8 they are
     read (per tensor [] or per KV head [Hkv]). A uint8 cache is packed int4 or int2 and needs the keyword
-    arguments k_zero, v_zero, k_res, v_res, res_slot (reshape_and_cache_int4).
+    arguments k_zero, v_zero, k_res, v_res, res_slot and takes `check_slots` (reshape_and_cache_int4);
+    for the other formats they must stay None (check_slots is ignored).
 
     Attention sinks (every format; all three or none): the sink pool sink_k, sink_v [R, Hkv, D]
     in k's dtype and sink_slot int32 [NB], the pool row of block b's offset-0 token or -1. A
@@ -186,9 +190,13 @@ def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     if isinstance(k_cache, torch.Tensor) and k_cache.dtype == torch.uint8:
         from kvlab.kernels.reshape_and_cache_int4 import reshape_and_cache_int4
         return reshape_and_cache_int4(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale,
-                                      sink_k=sink_k, sink_v=sink_v, sink_slot=sink_slot, **int4)
-    if int4:
-        raise ValueError(f"{', '.join(sorted(int4))}: only for an int4 or int2 (uint8) cache, "
+                                      k_zero=k_zero, v_zero=v_zero, k_res=k_res, v_res=v_res,
+                                      res_slot=res_slot, sink_k=sink_k, sink_v=sink_v,
+                                      sink_slot=sink_slot, check_slots=check_slots)
+    given = [n for n, t in (("k_res", k_res), ("k_zero", k_zero), ("res_slot", res_slot),
+                            ("v_res", v_res), ("v_zero", v_zero)) if t is not None]
+    if given:
+        raise ValueError(f"{', '.join(sorted(given))}: only for an int4 or int2 (uint8) cache, "
                          f"not {getattr(k_cache, 'dtype', type(k_cache).__name__)}")
     check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=3)
     N, H, D = k.shape

@@ -4,7 +4,7 @@ int4 keys are quantized *per channel over a group of block_size tokens* (kvlab.q
 al., 2024, "KIVI"), so a key cannot be quantized on its own: its scale depends on tokens that do
 not exist yet. A sequence's last, partial block stays in full precision (the residual window) and
 a block is quantized once, when its last slot is written; that step's attention still reads it in
-full precision. The storage (kvlab.quant.residual, shared with kvlab.quant.paged's PyTorch path):
+full precision. The storage (kvlab.quant.residual, shared with kvlab.cache.quantized's PyTorch path):
 
     residual pool   k_res, v_res [R, BS, Hkv, D] in the model dtype (rows handed out by the caller)
     res_slot        int32 [NB]: the residual row of block b, or -1 once b is quantized ("sealed")

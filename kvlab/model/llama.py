@@ -53,6 +53,26 @@ class DecoderLayer(nn.Module):
 Block = DecoderLayer   # the old name (chapter 00 imports it); a KV block is engine.block_manager.Block
 
 
+def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> tuple[int, int]:
+    """The forward's input check, shared by every model class with Llama's contract
+    (docs/architecture.md section 1): input_ids must be [batch, tokens] with ids in
+    [0, vocab_size); returns (B, T). A ValueError names the argument and the limit."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        raise ValueError(f"input_ids must lie in [0, {vocab_size}), got "
+                         f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+    return tuple(input_ids.shape)
+
+
+def default_positions(input_ids: torch.Tensor, cache) -> torch.Tensor:
+    """Positions [B, T] when none are given: 0..T-1 shifted by the cache's `position_offset`
+    attribute when it has one (a contiguous cache that already holds tokens)."""
+    B, T = input_ids.shape
+    offset = getattr(cache, "position_offset", 0)
+    return (torch.arange(T, device=input_ids.device).unsqueeze(0) + offset).expand(B, T)
+
+
 class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -83,18 +103,11 @@ class Llama(nn.Module):
         logit_indices: indices into the flattened B*T tokens; returns [len(indices), vocab].
         Computing the vocabulary projection only where it is needed saves a large matmul.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
         cfg = self.config
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
-            raise ValueError(f"input_ids must lie in [0, {cfg.vocab_size}), got "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        B, T = check_input_ids(input_ids, cfg.vocab_size)
         cache = NoCache() if cache is None else cache
         if positions is None:
-            offset = getattr(cache, "position_offset", 0)
-            positions = torch.arange(T, device=input_ids.device).unsqueeze(0) + offset
-            positions = positions.expand(B, T)
+            positions = default_positions(input_ids, cache)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype=self.dtype)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:

@@ -4,7 +4,8 @@ One module per format, each with a PyTorch quantize/dequantize pair that is the 
 `int8` (symmetric, per token per KV head), `fp8` (e4m3fn, per-tensor or per-KV-head scales),
 `int4` (KIVI-style: asymmetric, keys per channel, values per token, residual window; the same
 module quantizes `int2`, KIVI's 2-bit setting).
-`paged.QuantizedPagedKVCache` stores them in paged blocks; `sim.FakeQuantKVCache` is the contiguous
+`kvlab.cache.quantized.QuantizedPagedKVCache` stores them in paged blocks (one codec per format,
+kvlab/cache/block_codecs.py); `sim.FakeQuantKVCache` is the contiguous
 twin used to measure accuracy. Layouts: docs/architecture.md section 4.
 
 `bytes_per_token` is the number every capacity claim rests on, so it counts everything stored per

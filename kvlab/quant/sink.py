@@ -26,7 +26,8 @@ int4 and int2 quantize a first block's keys with scales from its other tokens
 With prefix caching, a cached first block keeps its row, so a later request that hits the block
 finds its sink too (block hashes are chained from the first block, so a block cached at
 position 0 is only ever found at position 0). The row goes back when the block manager drops the
-block's contents: freed without a hash, or evicted (`BlockManager(on_discard=...)`).
+block's contents: freed without a hash, or evicted (it reaches the cache in the next step's
+`freed_blocks`, docs/architecture.md section 3).
 
 Cost: one token in the model dtype per running sequence and per cached first block
 (`QuantizedPagedKVCache.sink_bytes`): for SmolLM2 in bfloat16, 23,040 bytes a row (the bytes of

@@ -2,7 +2,7 @@
 request streamed, and the latencies users feel summarised (benchmarks/serve_load.py, chapter 11).
 
 The trace: Poisson arrivals at `rate` requests per second and log-normal ShareGPT-shaped lengths
-from `kvlab.traces` (scaled down for a CPU), with token-id prompts so every server sees exactly
+from `kvlab.lab.traces` (scaled down for a CPU), with token-id prompts so every server sees exactly
 the same tokens; a fraction of the requests starts with one of a few shared system prompts (what
 a prefix cache can reuse). Each request asks for exactly its output length (`ignore_eos`).
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvlab.traces import SHAREGPT, TraceShape, make_trace
+from kvlab.lab.traces import SHAREGPT, TraceShape, make_trace
 
 
 def cpu_shape(prompt_scale: float = 0.25, output_scale: float = 0.1) -> TraceShape:

@@ -1,7 +1,7 @@
 """Published statements about KV-cache memory and inference time, checked with the calculator.
 
-Each `Claim` keeps the number the statement gives, the number `kvlab.memory` and
-`kvlab.forward_cost` compute under the stated assumptions, and a verdict with its reason. The nine
+Each `Claim` keeps the number the statement gives, the number `kvlab.costs.memory` and
+`kvlab.costs.forward_cost` compute under the stated assumptions, and a verdict with its reason. The nine
 statements are the ones chapter 05 checks; `check_all()` recomputes every verdict, so a change in
 the calculator or in `MODELS` shows up in the table (and in `tests/test_claims.py`).
 
@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from kvlab.forward_cost import forward_cost
-from kvlab.memory import MODELS, kv_bytes_per_token, kv_cache_bytes, max_concurrent_sequences, weight_bytes
-from kvlab.roofline import GPUS
+from kvlab.costs.forward_cost import forward_cost
+from kvlab.costs.memory import MODELS, kv_bytes_per_token, kv_cache_bytes, max_concurrent_sequences, weight_bytes
+from kvlab.costs.roofline import GPUS
 
 TOLERANCE = 0.10
 GB = 1e9

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvlab.traces import Request
+from kvlab.lab.traces import Request
 
 MODES = ("static", "continuous")
 

@@ -1,7 +1,7 @@
 """What one forward pass of a decoder costs: FLOPs, bytes moved, and the roofline time floor.
 
 A forward pass over `new_tokens` tokens per sequence, for `batch` sequences that already hold
-`context` tokens in their KV cache, does the FLOPs `kvlab.flops.forward_flops` counts (matmuls only:
+`context` tokens in their KV cache, does the FLOPs `kvlab.costs.flops.forward_flops` counts (matmuls only:
 2 per weight per token, attention over the keys the causal mask and any sliding window allow, the
 output projection on `logit_rows` positions; norm weights, softmax and the like not counted) and,
 at least, moves:
@@ -19,8 +19,8 @@ that machine can be faster. Prefill (new_tokens = the prompt) has an intensity o
 2 x new_tokens x batch / weight_dtype_bytes, compute-bound for any real prompt; a decode step
 (new_tokens = 1) about 2 x batch / weight_dtype_bytes, bandwidth-bound until the batch is large.
 
-Configurations: a `kvlab.memory.KVConfig` (the `MODELS` table: sliding windows, tied or untied
-embeddings, mixtures of experts) or a `kvlab.model.config.LlamaConfig`, as in `kvlab.flops`. For a
+Configurations: a `kvlab.costs.memory.KVConfig` (the `MODELS` table: sliding windows, tied or untied
+embeddings, mixtures of experts) or a `kvlab.model.config.LlamaConfig`, as in `kvlab.costs.flops`. For a
 mixture of experts the weight bytes are those of the active weights, right for a batch-1 step; a
 larger batch reads more experts, which this lower bound leaves out.
 """
@@ -29,8 +29,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from kvlab.flops import forward_flops, norm_weights, weight_split
-from kvlab.memory import as_kv_config, kv_bytes_per_token, kv_cache_bytes
+from kvlab.costs.flops import forward_flops, norm_weights, weight_split
+from kvlab.costs.memory import as_kv_config, kv_bytes_per_token, kv_cache_bytes
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class ForwardCost:
         return self.flops / self.bytes
 
     def floor_seconds(self, machine) -> float:
-        """Roofline lower bound on the time of this pass on `machine` (a `kvlab.roofline.Machine`)."""
+        """Roofline lower bound on the time of this pass on `machine` (a `kvlab.costs.roofline.Machine`)."""
         return max(self.flops / machine.peak_flops, self.bytes / machine.bandwidth)
 
     def __add__(self, other: ForwardCost) -> ForwardCost:

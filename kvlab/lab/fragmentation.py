@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvlab.traces import Request
+from kvlab.lab.traces import Request
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ counted, so 4 L Hq D per (query, key) pair. Pope et al., 2022, "Efficiently Scal
 Inference" split inference cost the same way, into weight FLOPs and attention FLOPs.
 
 The weights come from the parameter total (`weight_split`): a `kvlab.model.config.LlamaConfig` gives
-it exactly; a `kvlab.memory.KVConfig` (the `MODELS` table) gives a published total, from which the
+it exactly; a `kvlab.costs.memory.KVConfig` (the `MODELS` table) gives a published total, from which the
 embedding table(s) and the norm vectors (Llama layout, 2 per layer + 1) are taken off. With
 vocab_size unknown (0) the embedding stays in, an overcount. For a mixture of experts
 `active_params` (the weights one token passes through) replaces num_params. Multi-head latent
@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvlab.memory import as_kv_config
+from kvlab.costs.memory import as_kv_config
 
 
 @dataclass(frozen=True)
