@@ -7,7 +7,7 @@ ATTEMPTS = {
             "import torch.nn.functional as F\ndef attention(q, k, v):\n    return F.scaled_dot_product_attention(q, k, v)\n",
             "from torch.nn.functional import scaled_dot_product_attention as s\n"
             "def attention(q, k, v):\n    return s(q, k, v)\n",
-            "from kvlab import attention_math\n"
+            "from kvlab.lab import attention_math\n"
             "def attention(q, k, v):\n    return attention_math.scaled_dot_product_attention(q, k, v)\n",
         ],
         "wrong": [
@@ -27,7 +27,7 @@ ATTEMPTS = {
             "def causal_mask(tq, tk):\n    return torch.tril(torch.ones(tq, tk, dtype=torch.bool), diagonal=tk - tq)\n",
             "def causal_mask(tq, tk):\n    return torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)\n",
             "def causal_mask(tq, tk):\n    return ~torch.triu(torch.ones(tq, tk, dtype=torch.bool), diagonal=tk - tq + 1)\n",
-            "from kvlab.attention_math import causal_mask as _c\ndef causal_mask(tq, tk):\n    return _c(tq, tk)\n",
+            "from kvlab.lab.attention_math import causal_mask as _c\ndef causal_mask(tq, tk):\n    return _c(tq, tk)\n",
         ],
         "wrong": [
             # no query offset: right only when tq == tk
@@ -45,7 +45,7 @@ ATTEMPTS = {
             "import torch.nn.functional as F\ndef stable_softmax(x):\n    return F.softmax(x, dim=-1)\n",
             "def stable_softmax(x):\n    return torch.exp(x - torch.logsumexp(x, -1, keepdim=True))\n",
             "def stable_softmax(x):\n    return torch.log_softmax(x, -1).exp()\n",
-            "from kvlab.attention_math import stable_softmax as _s\ndef stable_softmax(x):\n    return _s(x)\n",
+            "from kvlab.lab.attention_math import stable_softmax as _s\ndef stable_softmax(x):\n    return _s(x)\n",
             "def stable_softmax(x):\n    try:\n        return torch.softmax(x, -1)\n    except Exception:\n        return x\n",
         ],
         "wrong": [
@@ -64,7 +64,7 @@ ATTEMPTS = {
         "shortcuts": [
             "def repeat_kv(x, group_size):\n    return x.repeat_interleave(group_size, dim=1)\n",
             "def repeat_kv(x, group_size):\n    return torch.repeat_interleave(x, group_size, dim=1)\n",
-            "from kvlab import attention_math\ndef repeat_kv(x, group_size):\n    return attention_math.repeat_kv(x, group_size)\n",
+            "from kvlab.lab import attention_math\ndef repeat_kv(x, group_size):\n    return attention_math.repeat_kv(x, group_size)\n",
         ],
         "wrong": [
             # tiles the heads (h % Hkv) instead of grouping them (h // group_size)

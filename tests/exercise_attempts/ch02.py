@@ -10,7 +10,7 @@ ATTEMPTS = {
     "q1_step_flops": {
         "shortcuts": [
             "def naive_step_flops(config, n):\n    return flops.step_flops(config, n, 0, use_cache=False).total\n",
-            "from kvlab.forward_cost import forward_cost\n"
+            "from kvlab.costs.forward_cost import forward_cost\n"
             "def naive_step_flops(config, n):\n    return forward_cost(config, n).flops\n",
         ],
         "wrong": [

@@ -11,7 +11,7 @@ ATTEMPTS = {
     "q1_forward_flops": {
         "shortcuts": [
             "def forward_flops(cfg, new_tokens, context=0):\n    return forward_cost(cfg, new_tokens, context).flops\n",
-            "from kvlab.flops import forward_flops as _ff\n"
+            "from kvlab.costs.flops import forward_flops as _ff\n"
             "def forward_flops(cfg, new_tokens, context=0):\n    return _ff(cfg, new_tokens, context).total\n",
             "def forward_flops(cfg, new_tokens, context=0):\n"
             "    head = cfg.vocab_size * cfg.hidden_size\n"
@@ -49,7 +49,7 @@ ATTEMPTS = {
     },
     "q3_critical_batch": {
         "shortcuts": [
-            "from kvlab.forward_cost import critical_batch as _cb\n"
+            "from kvlab.costs.forward_cost import critical_batch as _cb\n"
             "def critical_batch(machine, weight_dtype_bytes=2):\n    return _cb(machine, weight_dtype_bytes)\n",
         ],
         "wrong": [

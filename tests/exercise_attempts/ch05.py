@@ -53,7 +53,7 @@ ATTEMPTS = {
     },
     "q3_sessions": {
         "shortcuts": [
-            "from kvlab.memory import KVConfig, max_concurrent_sequences\n"
+            "from kvlab.costs.memory import KVConfig, max_concurrent_sequences\n"
             "def sessions(gpu_bytes, weight_bytes, per_session_bytes, utilization=0.9):\n"
             "    m = KVConfig('x', num_layers=1, num_heads=1, num_kv_heads=1, head_dim=1, hidden_size=1,\n"
             "                 num_params=1, max_context=1)\n"
@@ -71,7 +71,7 @@ ATTEMPTS = {
     },
     "q4_decode_floor": {
         "shortcuts": [
-            "from kvlab.roofline import linear_intensity\n"
+            "from kvlab.costs.roofline import linear_intensity\n"
             "def decode_floor_seconds(weight_bytes, bandwidth, steps):\n"
             "    linear_intensity(1, 1, 1)\n    return steps * weight_bytes / bandwidth\n",
         ],

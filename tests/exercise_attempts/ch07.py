@@ -53,7 +53,7 @@ def _step(victim="running[-1]", requeue="appendleft", gate="not preempted or not
 ATTEMPTS = {
     "q1_shortest_prompt_first": {
         "shortcuts": ['''
-from kvlab.batching import shortest_prompt_first
+from kvlab.lab.batching import shortest_prompt_first
 '''],
         "wrong": [
             '''

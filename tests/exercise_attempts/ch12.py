@@ -28,7 +28,7 @@ ATTEMPTS = {
     "q2_break_even": {
         "shortcuts": [
             "from kvlab.cluster.offload import break_even_tokens as _be\n"
-            "from kvlab.cluster.hardware import Link\nfrom kvlab.roofline import Machine\n"
+            "from kvlab.cluster.hardware import Link\nfrom kvlab.costs.roofline import Machine\n"
             "def break_even_tokens(weights, hdl, flops_per_s, bytes_per_token, bandwidth, latency=0.0):\n"
             "    m = MODELS['llama-3.1-8b']\n"
             "    for cand in MODELS.values():  # find the model by its numbers, let kvlab answer\n"
