@@ -160,7 +160,8 @@ def findings(rows) -> str:
     rescued = [b for b in budgets if by[("streaming", b)]["ppl"] < by[("window", b)]["ppl"]]
     lines.append(f"- StreamingLLM (sinks rescue a window): streaming beats the plain window at budgets "
                  f"{rescued or 'none'} of {budgets}; window / streaming perplexity change: " + ", ".join(
-                     f"{b}: {by[('window', b)]['ppl_change_pct']:+.1f} / {by[('streaming', b)]['ppl_change_pct']:+.1f} %"
+                     f"{b}: {by[('window', b)]['ppl_change_pct']:+.1f} / "
+                     f"{by[('streaming', b)]['ppl_change_pct']:+.1f} %"
                      for b in budgets) + ".")
     best = {b: min(POLICIES, key=lambda pol: by[(pol, b)]["ppl"]) for b in budgets}
     lines.append("- Best policy by perplexity per budget: " + ", ".join(f"{b}: {best[b]}" for b in budgets) + ".")

@@ -5,10 +5,6 @@ Names are imported lazily, so `import kvlab` stays fast and a missing optional d
 """
 import importlib
 
-from kvlab import _moved
-
-_moved.install()   # old paths of moved modules (kvlab.flops -> kvlab.costs.flops, ...), for now
-
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -26,8 +22,6 @@ _EXPORTS = {
 def __getattr__(name):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if f"kvlab.{name}" in _moved.MOVED:
-        return importlib.import_module(f"kvlab.{name}")
     raise AttributeError(f"module 'kvlab' has no attribute {name!r}")
 
 

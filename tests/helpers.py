@@ -5,9 +5,6 @@
 - models: `random_llama` (a small random Llama, float64 by default);
 - paged attention and kernels: `DEVICE`, `random_paged`, `gather`, `reference_decode` (float64),
   `rel_err`, `scale_for`.
-
-`_engine_helpers` and `_paged_helpers` re-export these names for test files on other branches,
-until they move to this module.
 """
 from __future__ import annotations
 

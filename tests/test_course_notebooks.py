@@ -21,7 +21,7 @@ import pytest
 from kvlab.course.assign import assign
 from kvlab.course.grade import grade_one
 from kvlab.course.paths import MASTERS, NOTEBOOKS, chapters
-from kvlab.course.questions import is_hidden_test, cell_test_lines
+from kvlab.course.questions import cell_test_lines, is_hidden_test
 
 MASTER_FILES = chapters(MASTERS)
 pytestmark = pytest.mark.slow

@@ -83,7 +83,7 @@ def test_definitions_keep_imports_functions_and_classes_only():
 def test_both_otter_hidden_test_formats_are_hidden():
     """`# HIDDEN` and otter's test config with `hidden: true` (chapters 06-11 use it) are both hidden
     tests for the grader and the leak checks; the config block is not a test line."""
-    from kvlab.course.questions import is_hidden_test, cell_test_lines
+    from kvlab.course.questions import cell_test_lines, is_hidden_test
 
     config = '""" # BEGIN TEST CONFIG\nhidden: true\n""" # END TEST CONFIG\nassert f(3) == 9'
     assert is_hidden_test("# HIDDEN\nassert f(3) == 9") and is_hidden_test(config)

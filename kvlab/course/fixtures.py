@@ -35,7 +35,6 @@ def packed_step(context_lens, q_lens, num_blocks, block_size, num_heads, num_kv_
     values `keys`, `values` (lists of [L, Hkv, D]) for a reference.
     """
     g = torch.Generator().manual_seed(seed)
-    S = len(context_lens)
     need = [math.ceil(L / block_size) for L in context_lens]
     if sum(need) > num_blocks:
         raise ValueError(f"num_blocks={num_blocks} cannot hold {sum(need)} blocks")

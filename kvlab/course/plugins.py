@@ -83,7 +83,7 @@ class PluggedPagedCache(PagedKVCache):
         self.attend_fn = attend
 
     @classmethod
-    def like(cls, cache: PagedKVCache, attend) -> "PluggedPagedCache":
+    def like(cls, cache: PagedKVCache, attend) -> PluggedPagedCache:
         """A fresh cache of the same shape as `cache` (an LLM's), with `attend` plugged in."""
         return cls(cache.num_layers, cache.num_blocks, cache.block_size, cache.num_kv_heads,
                    cache.head_dim, dtype=cache.dtype, device=cache.device, attend=attend)

@@ -81,7 +81,7 @@ def _secret_lines(masters: Path) -> tuple[set[str], set[str]]:
 
     import nbformat
 
-    from kvlab.course.questions import is_hidden_test, cell_test_lines
+    from kvlab.course.questions import cell_test_lines, is_hidden_test
 
     sol, hidden, other = set(), set(), set()
     for m in chapters(masters):

@@ -28,7 +28,6 @@ import torch
 from kvlab.evict.policy import EvictionConfig, pool_scores, select_keep
 from kvlab.model.layers import apply_rope, rope_cos_sin
 
-
 OBSERVED_QUERIES = 64   # the prompt's last queries whose attention `fork` can replay (snapkv's window)
 
 
