@@ -1,14 +1,17 @@
 """kvlab.model.fast.FastLlama, the packed-weight CPU twin of the reference Llama: the same logits
 on random weights (float64), through every cache; the same greedy tokens in the engine, on the
 tiny model and on the real one."""
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import random_llama
 
 import kvlab
 from kvlab import SamplingParams
 from kvlab.cache.contiguous import ContiguousKVCache
-from kvlab.model.fast import FastLlama, rms_norm, rope_
+from kvlab.model.fast import FastLlama, PackedLinear, can_prepack, rms_norm, rope_
 from kvlab.model.layers import RMSNorm, apply_rope, rope_cos_sin
 
 # float64 weights, but both models take RMSNorm in float32 (as the reference does): float32 precision
@@ -56,6 +59,51 @@ def test_bfloat16_close_to_the_reference():
     assert got.dtype == torch.float32
     scale = want.abs().max()
     assert (got - want).abs().max() <= 0.05 * scale
+
+
+needs_prepack = pytest.mark.skipif(not can_prepack(torch.zeros(1)), reason="no oneDNN prepacking on this CPU")
+
+
+@needs_prepack
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [(1, 1), (1, 16), (7, 3), (2, 300)])
+def test_prepacked_linear_equals_f_linear(dtype, rows):
+    """The oneDNN-prepacked product is F.linear's, for a decode row, a decode batch and prompts."""
+    if dtype == torch.bfloat16 and not can_prepack(torch.zeros(1, dtype=dtype)):
+        pytest.skip("no native bfloat16 on this CPU")
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(200, 96, generator=g).to(dtype)
+    x = torch.randn(*rows, 96, generator=g).to(dtype)
+    lin = PackedLinear(w)
+    assert lin.prepacked
+    want = F.linear(x.double(), w.double())
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5      # relative to the largest output
+    got = lin(x)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert (got.double() - want).abs().max() <= tol * want.abs().max()
+    # and the fallback computes the same product
+    plain = PackedLinear(w, prepack=False)
+    assert not plain.prepacked
+    assert (plain(x).double() - want).abs().max() <= tol * want.abs().max()
+
+
+def test_float64_never_prepacks():
+    assert not can_prepack(torch.zeros(2, 2, dtype=torch.float64))
+    fast = FastLlama.from_llama(random_llama())
+    assert not fast.prepacked
+    assert not any(m.prepacked for m in fast.modules() if isinstance(m, PackedLinear))
+
+
+@needs_prepack
+@torch.inference_mode()
+def test_prepacked_float32_logits_close_to_the_reference():
+    ref = random_llama(dtype=torch.float32)
+    fast = FastLlama.from_llama(ref)
+    assert fast.prepacked
+    ids = torch.randint(0, 96, (3, 13), generator=torch.Generator().manual_seed(5))
+    want = copy.deepcopy(ref).double()(ids)      # (the fast twin shares ref's embedding)
+    got = fast(ids)
+    assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
 
 
 def test_input_checks_as_the_reference():
