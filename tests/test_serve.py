@@ -92,6 +92,27 @@ def test_completions_equal_the_engines_greedy_tokens(server, client, reference):
     assert one.choices[0].text == reference.generate(PROMPTS[0], _greedy(5), use_tqdm=False)[0].outputs[0].text
 
 
+def test_fast_flag_serves_the_fast_twin_with_its_tokens(real_model):
+    """`kvlab serve --fast`: FastLlama (prepacked weights) on the cpu attention backend, the same
+    greedy tokens as kvlab.LLM on the reference model; the flags resolve as documented."""
+    import kvlab
+    from kvlab.serve.cli import attention_backend, parser
+
+    assert attention_backend(parser().parse_args(["--fast"])) == "cpu"
+    assert attention_backend(parser().parse_args([])) == "torch"
+    assert attention_backend(parser().parse_args(["--fast", "--attention-backend", "torch"])) == "torch"
+    want = kvlab.LLM(real_model, max_model_len=256).generate(PROMPTS, _greedy(12), use_tqdm=False)
+    s = launch(["--fast", "--max-model-len", "256", "--threads", "1", "--log-level", "warning"],
+               env={"OMP_NUM_THREADS": "1"})
+    try:
+        got = httpx.post(s.url + "/v1/completions", timeout=120,
+                         json={"model": MODEL, "prompt": PROMPTS, "max_tokens": 12, "temperature": 0,
+                               "return_token_ids": True}).json()
+        assert [c["token_ids"] for c in got["choices"]] == [w.outputs[0].token_ids for w in want]
+    finally:
+        assert s.stop() == 0, s.log()
+
+
 def test_chat_uses_the_models_chat_template(server, client, reference):
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
     want = reference.chat(messages, _greedy(10), use_tqdm=False)[0]
@@ -431,7 +452,7 @@ def test_kvlab_serve_command_line():
     assert out.returncode == 0, out.stderr
     for flag in ("--max-model-len", "--kv-cache-dtype", "--enable-prefix-caching", "--no-enable-prefix-caching",
                  "--block-size", "--max-num-seqs", "--max-num-batched-tokens", "--attention-backend", "--host",
-                 "--port", "--max-queue-len"):
+                 "--port", "--max-queue-len", "--fast"):
         assert flag in out.stdout, flag
     bad = subprocess.run([*cmd, "serve", "--kv-cache-dtype", "int3"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "int3" in bad.stderr

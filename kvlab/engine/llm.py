@@ -60,8 +60,8 @@ class LLM:
     `scheduling_policy` ("fcfs", "shortest_prompt_first" or a callable), `prefix_cache` ("hash":
     block-hash automatic prefix caching, "radix": SGLang-style radix tree at block_size 1, "none",
     or a BlockAllocator object), `kv_cache_dtype` ("auto", "int8", "fp8", "int4", "int2" or a
-    KVFormat codec), `attention_backend` ("torch", "triton" or an object with the three paged
-    attention functions).
+    KVFormat codec), `attention_backend` ("torch": the reference, "cpu": the same on the CPU's
+    fused attention kernel, "triton", or an object with the three paged attention functions).
     """
 
     def __init__(self, model=None, block_size: int | None = None, num_kv_blocks: int | None = None,

@@ -7,7 +7,7 @@ following the protocol below; nothing needs to inherit from a kvlab class. docs/
     kvlab.LLM(scheduling_policy="fcfs" | callable,
               prefix_cache="hash" | "radix" | "none" | BlockAllocator object,
               kv_cache_dtype="auto" | "int8" | "fp8" | "int4" | "int2" | KVFormat object,
-              attention_backend="torch" | "triton" | AttentionBackend object)
+              attention_backend="torch" | "cpu" | "triton" | AttentionBackend object)
 
 A sequence, as these objects see it, is a `kvlab.engine.sequence.Sequence`: `seq_id`,
 `token_ids`, `len(seq)`, `cache_salt`, `block_table` (list of block ids, written by the block

@@ -38,7 +38,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--block-size", type=int, default=None)
     e.add_argument("--max-num-seqs", type=int, default=256)
     e.add_argument("--max-num-batched-tokens", type=int, default=None)
-    e.add_argument("--attention-backend", default="torch", choices=["torch", "triton"])
+    e.add_argument("--attention-backend", default=None, choices=["torch", "cpu", "triton"],
+                   help="paged attention (default: torch; cpu with --fast)")
+    e.add_argument("--fast", action="store_true",
+                   help="serve kvlab.model.fast.FastLlama (packed, prepacked weights) with the cpu attention "
+                        "backend: the same tokens, tested equal, faster on a CPU")
     e.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     e.add_argument("--num-gpu-blocks-override", type=int, default=None, help="the KV pool's size in blocks")
     e.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
@@ -59,9 +63,28 @@ def llm_kwargs(args) -> dict:
     return dict(block_size=args.block_size, num_kv_blocks=args.num_gpu_blocks_override,
                 kv_cache_memory_bytes=args.kv_cache_memory_bytes, max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                attention_backend=args.attention_backend, kv_cache_dtype=args.kv_cache_dtype,
+                attention_backend=attention_backend(args), kv_cache_dtype=args.kv_cache_dtype,
                 enable_prefix_caching=args.enable_prefix_caching, dtype=DTYPES[args.dtype], device=args.device,
                 enable_chunked_prefill=args.enable_chunked_prefill, keep_sink_token=args.keep_sink_token)
+
+
+def attention_backend(args) -> str:
+    if args.attention_backend is not None:
+        return args.attention_backend
+    return "cpu" if args.fast else "torch"
+
+
+def load(args):
+    """The model argument kvlab.LLM takes: the path (or None), or with --fast the loaded model's
+    fast twin and its tokenizer."""
+    path = args.model or args.model_tag
+    if not args.fast:
+        return path
+    from kvlab.model.fast import FastLlama
+    from kvlab.model.load import load_model
+
+    model, tok = load_model(path, device=args.device, dtype=DTYPES[args.dtype])
+    return FastLlama.from_llama(model), tok
 
 
 def served_name(args) -> str:
@@ -96,7 +119,7 @@ def main(argv=None) -> None:
     from kvlab.serve.app import build_app
 
     try:
-        llm = LLM(args.model or args.model_tag, **llm_kwargs(args))
+        llm = LLM(load(args), **llm_kwargs(args))
         app = build_app(llm, served_name(args), args.max_queue_len, args.max_request_body_bytes)
     except (ValueError, FileNotFoundError) as e:
         parser().error(str(e))

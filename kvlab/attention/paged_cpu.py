@@ -1,0 +1,122 @@
+"""Paged attention for the CPU: the reference's gather-then-attend, with the query heads of each KV
+head stacked as rows so that every call lands on PyTorch's fused CPU attention kernel.
+
+`paged_torch` is the reference the chapters teach and every backend is tested against. It is
+correct in every dtype, but on a CPU two of its calls fall off PyTorch's fused (flash) attention
+kernel onto the unfused "math" path, which materialises the [queries, keys] score matrix per head
+and runs several ops over it:
+
+  - a whole prompt, attended as 3-D tensors [H, L, D]: only 4-D inputs [batch, H, L, D] take the
+    fused CPU kernel; the math path measured 2-3x slower on the course machine for 256-token
+    prompts (benchmarks/results/engine_cpu_vllm_notes.md);
+  - grouped-query attention in bfloat16/float16 (`enable_gqa=True`, Hq > Hkv): the fused kernel
+    broadcasts each KV head to its G = Hq / Hkv query heads, which in half precision measured
+    about 10x slower per decode step than float32.
+
+This backend computes the same attention without either. A prompt that is the whole context goes
+to the fused kernel as 4-D causal attention. Everything else uses *grouped rows*: the G query heads
+that share a KV head become G * q_len query rows of one attention over that KV head,
+
+    q [q_len, Hq, D] -> [Hkv, G * q_len, D]      row g * q_len + i is head kv * G + g, query i
+
+so no KV head is ever repeated, and the mask (a length mask for decode, causal over a cached
+prefix for chunks) is the same for the G rows of one query. Query head h reads KV head h // G,
+the convention of `repeat_kv` and of `enable_gqa`. Float32/float64 decode is left to the reference
+(its fused GQA path is fast there); `HALF` lists the dtypes decoded as grouped rows.
+
+K/V are still gathered from the block table into contiguous copies per step (as the reference
+does); a kernel that reads the blocks in place is kvlab/kernels/ (Triton). Tested equal to the
+reference on random inputs, float64 through the grouped path, and token-equal in the engine
+(tests/test_attention_cpu.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvlab.attention import paged_torch
+from kvlab.attention.paged_torch import gather_blocks, reshape_and_cache
+
+__all__ = ["reshape_and_cache", "paged_decode_attention", "paged_prefill_attention", "grouped_attention",
+           "HALF"]
+
+# dtypes whose decode runs as grouped rows (the fused kernel's GQA broadcast is slow in them)
+HALF = (torch.bfloat16, torch.float16)
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of grouped query rows over their KV head.
+
+    q [S, Hkv, R, D] (R rows per KV head), k and v [S, Hkv, L, D], mask None or boolean,
+    broadcastable to [S, Hkv, R, L] (True = attend) -> [S, Hkv, R, D]. Plain 4-D attention with as
+    many query heads as KV heads: the fused CPU kernel's case.
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """As paged_torch.paged_decode_attention: q [S, Hq, D] over each sequence's context."""
+    if q.dtype not in HALF:
+        return paged_torch.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+    S, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    G = Hq // Hkv
+    k = gather_blocks(k_cache, block_tables).to(q.dtype).transpose(1, 2)   # [S, Hkv, L, D]
+    v = gather_blocks(v_cache, block_tables).to(q.dtype).transpose(1, 2)
+    L = k.shape[2]
+    mask = None
+    if S == 1:                                               # one sequence: cut, no mask needed
+        n = int(context_lens[0])
+        k, v = k[:, :, :n], v[:, :, :n]
+    else:
+        valid = torch.arange(L, device=q.device).view(1, L) < context_lens.view(S, 1).to(q.device)
+        mask = valid.view(S, 1, 1, L)                        # the same for every head and row
+    out = grouped_attention(q.view(S, Hkv, G, D), k, v, scale, mask)       # [S, Hkv, G, D]
+    return out.reshape(S, Hq, D)
+
+
+def _prefix_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """The last q_len positions of a context of L tokens: q [q_len, Hq, D], k/v [L, Hkv, D] ->
+    [q_len, Hq, D]; query i sits at position L - q_len + i and sees keys 0 .. that position."""
+    q_len, Hq, D = q.shape
+    L, Hkv = k.shape[0], k.shape[1]
+    G = Hq // Hkv
+    rows = q.view(q_len, Hkv, G, D).permute(1, 2, 0, 3).reshape(1, Hkv, G * q_len, D)   # (g, i) order
+    pos = torch.arange(L - q_len, L, device=q.device).repeat(G)                         # [G * q_len]
+    mask = torch.arange(L, device=q.device).view(1, L) <= pos.view(-1, 1)              # [G * q_len, L]
+    out = grouped_attention(rows, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+                            scale, mask)                                                # [1, Hkv, G*q, D]
+    return out.view(Hkv, G, q_len, D).permute(2, 0, 1, 3).reshape(q_len, Hq, D)
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                            context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """As paged_torch.paged_prefill_attention: packed queries q [N, Hq, D], one sequence at a time.
+
+    A whole prompt (q_len == context_len) is 4-D causal attention on the fused kernel; a chunk over
+    a cached prefix, or a decode token in a prefill batch, is grouped rows with a causal mask.
+    """
+    N, Hq, D = q.shape
+    BS, Hkv = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty_like(q)
+    qsl, ctx = query_start_loc.tolist(), context_lens.tolist()
+    for s in range(len(ctx)):
+        start, end, L = qsl[s], qsl[s + 1], ctx[s]
+        q_len = end - start
+        if q_len == 0:
+            continue
+        blocks = block_tables[s, :(L + BS - 1) // BS].long()
+        k = k_cache.index_select(0, blocks).view(-1, Hkv, D)[:L].to(q.dtype)   # [L, Hkv, D]
+        v = v_cache.index_select(0, blocks).view(-1, Hkv, D)[:L].to(q.dtype)
+        if q_len == L and q_len > 1:     # a whole prompt: plain causal attention, 4-D
+            o = F.scaled_dot_product_attention(
+                q[start:end].transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                v.transpose(0, 1).unsqueeze(0), is_causal=True, scale=scale, enable_gqa=Hq != Hkv)
+            out[start:end] = o[0].transpose(0, 1)
+        else:                            # the last q_len positions over a cached prefix
+            out[start:end] = _prefix_rows(q[start:end], k, v, scale)
+    return out
