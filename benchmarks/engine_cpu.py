@@ -117,8 +117,9 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="float32,bfloat16", help="--peer vllm: model dtypes")
     ap.add_argument("--repeats", type=int, default=3, help="--peer vllm: rounds of alternation")
     ap.add_argument("--kvlab-variants", default="reference,fast",
-                    help="--peer vllm: kvlab paths to time (reference = the chapters' paths, "
-                         "fast = kvlab.model.fast's fused CPU path)")
+                    help="--peer vllm: kvlab paths to time (reference = the chapters' paths; packed = "
+                         "FastLlama without prepacking on torch attention, the fast path before issue 17's "
+                         "second round; fast = prepacked FastLlama on the cpu attention backend)")
     ap.add_argument("--vllm-eager", action="store_true", help="vLLM with enforce_eager (no torch.compile)")
     args = ap.parse_args(argv)
     if args.peer == "vllm":
@@ -215,15 +216,25 @@ def _median(xs):
     return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
 
 
+# kvlab's paths: (prepacked weights, attention backend); None = the reference Llama
+VARIANTS = {"reference": None,
+            "packed": (False, "torch"),     # FastLlama's packed q/k/v and gate/up, F.linear, torch attention
+            "fast": (True, "cpu")}          # + oneDNN-prepacked weights and the cpu attention backend
+
+
 def _kvlab_llm(variant, model, tok, num_requests):
     import kvlab
 
-    if variant == "fast":
+    if variant not in VARIANTS:
+        raise SystemExit(f"--kvlab-variants: {variant!r} is not one of {sorted(VARIANTS)}")
+    backend = "torch"
+    if VARIANTS[variant] is not None:
         from kvlab.model.fast import FastLlama
 
-        model = FastLlama.from_llama(model)
+        prepack, backend = VARIANTS[variant]
+        model = FastLlama.from_llama(model, prepack=prepack)
     return kvlab.LLM((model, tok), max_model_len=1024, max_num_seqs=num_requests,
-                     enable_prefix_caching=False)
+                     enable_prefix_caching=False, attention_backend=backend)
 
 
 def vs_vllm(args, argv):

@@ -18,7 +18,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--fast", action="store_true", help="kvlab.model.fast.FastLlama, not the reference Llama")
+    ap.add_argument("--fast", action="store_true",
+                    help="kvlab.model.fast.FastLlama on the cpu attention backend, not the reference Llama on torch's")
     ap.add_argument("--rows", type=int, default=12)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -33,7 +34,8 @@ def main(argv=None):
         from kvlab.model.fast import FastLlama
 
         model = FastLlama.from_llama(model)
-    llm = kvlab.LLM((model, tok), max_model_len=1024, enable_prefix_caching=False)
+    llm = kvlab.LLM((model, tok), max_model_len=1024, enable_prefix_caching=False,
+                    attention_backend="cpu" if args.fast else "torch")
     ids = tok.encode("The history of computing is a story of layers. " * 40)
     print(f"load average {os.getloadavg()[0]:.2f}, {args.threads} threads, {args.dtype}, fast={args.fast}")
 
@@ -51,7 +53,9 @@ def main(argv=None):
     for batch, ctx in ((1, 80), (16, 300)):
         rids = [llm.add_request(ids[i:i + ctx], SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True))
                 for i in range(batch)]
-        llm.step()   # the prefill
+        started = set()
+        while len(started) < batch:     # every prefill (several steps under the token budget)
+            started |= {o.request_id for o in llm.step()}
         prof(f"decode step, batch {batch}, context {ctx}", llm.step)
         llm.abort_request(rids)
 
