@@ -1,7 +1,11 @@
 """Where one engine step's time goes on the CPU: torch.profiler over one decode step (batch 1 and
 a batch of 16) and one prefill of kvlab.LLM on the real model, top operators by self CPU time.
 
-    python benchmarks/profile_step.py --threads 2 [--dtype bfloat16] [--fast]
+    python benchmarks/profile_step.py --threads 2 [--dtype bfloat16] [--variant reference|packed|fast]
+
+The variants are engine_cpu.py's: reference (the chapters' Llama, torch attention), packed
+(FastLlama without prepacking, torch attention: the fast path before its second round), fast
+(prepacked FastLlama on the cpu attention backend; `--fast` is short for it).
 
 Prints the tables; the results notes (benchmarks/results/engine_cpu_vllm_notes.md) quote them.
 """
@@ -18,8 +22,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--fast", action="store_true",
-                    help="kvlab.model.fast.FastLlama on the cpu attention backend, not the reference Llama on torch's")
+    ap.add_argument("--variant", default="reference", choices=["reference", "packed", "fast"])
+    ap.add_argument("--fast", action="store_true", help="--variant fast")
     ap.add_argument("--rows", type=int, default=12)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -30,14 +34,15 @@ def main(argv=None):
 
     dtype = getattr(torch, args.dtype)
     model, tok = kvlab.load_model(dtype=dtype)
-    if args.fast:
+    variant = "fast" if args.fast else args.variant
+    if variant != "reference":
         from kvlab.model.fast import FastLlama
 
-        model = FastLlama.from_llama(model)
+        model = FastLlama.from_llama(model, prepack=variant == "fast")
     llm = kvlab.LLM((model, tok), max_model_len=1024, enable_prefix_caching=False,
-                    attention_backend="cpu" if args.fast else "torch")
+                    attention_backend="cpu" if variant == "fast" else "torch")
     ids = tok.encode("The history of computing is a story of layers. " * 40)
-    print(f"load average {os.getloadavg()[0]:.2f}, {args.threads} threads, {args.dtype}, fast={args.fast}")
+    print(f"load average {os.getloadavg()[0]:.2f}, {args.threads} threads, {args.dtype}, variant {variant}")
 
     def prof(label, fn, reps=3):
         fn()  # warm

