@@ -155,6 +155,27 @@ def test_an_attention_backend_object(model64, kv_cache_dtype):
         LLM(model64, num_kv_blocks=8, max_model_len=64, attention_backend=object())
 
 
+def test_course_backend_parts_plug_one_function_into_the_constructor_seam(model64):
+    """kvlab.course.plugins.BackendParts (chapter 10, exercise 5): the functions given, kvlab's
+    torch reference for the others; the engine calls the given one in every layer of every step."""
+    from kvlab.course.plugins import BackendParts
+
+    calls = []
+
+    def write(k, v, k_cache, v_cache, slot_mapping):
+        calls.append(len(slot_mapping))
+        LoopBackend().reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
+
+    prompts = _prompts([5, 9], seed=7)
+    kw = dict(block_size=4, num_kv_blocks=32, max_model_len=64)
+    llm = LLM(model64, attention_backend=BackendParts(reshape_and_cache=write), **kw)
+    ref = LLM(model64, **kw)
+    assert _run(llm, prompts, n=3) == _run(ref, prompts, n=3)
+    assert calls == [14] * model64.config.num_layers + [2] * 2 * model64.config.num_layers
+    for a, b in zip(llm.cache.k_cache + llm.cache.v_cache, ref.cache.k_cache + ref.cache.v_cache):
+        assert torch.equal(a, b)
+
+
 def test_radix_prefix_cache_equals_the_block_hash_cache(model64, reference):
     prompts = _prompts([3, 9, 6, 12, 1, 7], seed=5, shared=21)
     radix = LLM(model64, prefix_cache="radix", num_kv_blocks=400, max_model_len=64)

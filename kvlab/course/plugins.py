@@ -13,7 +13,8 @@ adapters here do the plugging, and nothing else: they hold no logic a student is
 They install a part into an `LLM` instance after construction (`install_cache`,
 `install_scheduler`, `install_block_manager`). When the engine exposes a constructor argument for
 the same part (issue 13's seams), the adapter becomes that argument's object and these installers
-go away; the exercises' signatures do not change.
+go away; the exercises' signatures do not change. `BackendParts` is the first of those: an
+attention backend object for `make_llm(attention_backend=...)` (chapter 10, exercise 5).
 """
 from __future__ import annotations
 
@@ -105,6 +106,22 @@ def install_cache(llm, cache) -> None:
         raise ValueError("install_cache needs an idle engine")
     llm.cache = cache
     llm.runner.cache = cache
+
+
+# ---- the attention backend seam (a constructor argument: no installer) --------------------------
+class BackendParts:
+    """An attention backend object (`kvlab.engine.protocols.AttentionBackend`) made of the functions
+    given, with kvlab's PyTorch reference (`kvlab.attention.paged_torch`) for the others. It goes
+    through the engine's own seam, `make_llm(attention_backend=BackendParts(reshape_and_cache=f))`:
+    every layer of every step then writes its new K/V with `f` and reads them with kvlab's attention.
+    """
+
+    def __init__(self, reshape_and_cache=None, paged_decode_attention=None, paged_prefill_attention=None):
+        from kvlab.attention import paged_torch
+
+        self.reshape_and_cache = reshape_and_cache or paged_torch.reshape_and_cache
+        self.paged_decode_attention = paged_decode_attention or paged_torch.paged_decode_attention
+        self.paged_prefill_attention = paged_prefill_attention or paged_torch.paged_prefill_attention
 
 
 # ---- the block allocator seam ----------------------------------------------------------------

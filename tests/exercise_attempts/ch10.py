@@ -91,6 +91,47 @@ def _decode(kvh="h // GROUP", valid="j * BLOCK_SIZE + t < ctx", alpha="tl.exp(m 
     return _DECODE.replace("{kvh}", kvh).replace("{valid}", valid).replace("{alpha}", alpha)
 
 
+_WRITE = _HEAD + """
+@triton.jit
+def cache_write_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, H,
+                       BLOCK_SIZE: tl.constexpr, D: tl.constexpr):
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    d = tl.arange(0, D)
+    slot = tl.load(slot_ptr + n).to(tl.int64){shift}
+    keep = {keep}
+    blk = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
+    src = {src}
+    dst = {dst}
+    tl.store(k_cache_ptr + dst, tl.load(k_ptr + src, mask=keep), mask=keep)
+    {store_v}
+
+
+def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping):
+    N, Hkv, D = k.shape
+    cache_write_kernel[{grid}](k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping, Hkv,
+                               BLOCK_SIZE=k_cache.shape[1], D=D)
+"""
+
+
+def _write(shift="", keep="(slot + 0 * d) >= 0", src="(n * H + h) * D + d",
+           dst="((blk * BLOCK_SIZE + off) * H + h) * D + d",
+           store_v="tl.store(v_cache_ptr + dst, tl.load(v_ptr + src, mask=keep), mask=keep)", grid="(N, Hkv)"):
+    return (_WRITE.replace("{shift}", shift).replace("{keep}", keep).replace("{src}", src)
+            .replace("{dst}", dst).replace("{store_v}", store_v).replace("{grid}", grid))
+
+
+_WRITE_STUB = _HEAD + """
+@triton.jit
+def cache_write_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, H,
+                       BLOCK_SIZE: tl.constexpr, D: tl.constexpr):
+    n = tl.program_id(0)                   # launched, but writes nothing
+
+
+"""
+
+
 ATTEMPTS = {
     "q1_masked_load": {
         "shortcuts": [_HEAD + '''
@@ -173,6 +214,60 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
             _decode(kvh="h % Hkv"),                                         # wrong GQA mapping
             _decode(valid="j * BLOCK_SIZE + t <= ctx"),                     # off by one: one token too many
             _decode(alpha="tl.exp(m_new - m)"),                             # inverted rescaling
+        ],
+    },
+    "q5_cache_write": {
+        "shortcuts": [
+            _WRITE_STUB + """
+from kvlab.attention.paged_torch import reshape_and_cache as _ref_write
+
+
+def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping):
+    cache_write_kernel[(1, 1)](k, v, k_cache, v_cache, slot_mapping, 1, BLOCK_SIZE=1, D=1)
+    _ref_write(k, v, k_cache, v_cache, slot_mapping)         # kvlab's write
+""",
+            _WRITE_STUB + """
+from kvlab.kernels.reshape_and_cache import reshape_and_cache as _kvlab_kernel
+
+
+def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping):
+    cache_write_kernel[(1, 1)](k, v, k_cache, v_cache, slot_mapping, 1, BLOCK_SIZE=1, D=1)
+    _kvlab_kernel(k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping)   # kvlab's kernel
+""",
+            _WRITE_STUB + """
+def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping):
+    cache_write_kernel[(1, 1)](k, v, k_cache, v_cache, slot_mapping, 1, BLOCK_SIZE=1, D=1)
+    keep = slot_mapping >= 0
+    NB, BS, H, D = k_cache.shape
+    k_cache.view(NB * BS, H, D).index_copy_(0, slot_mapping[keep], k[keep].to(k_cache.dtype))
+    v_cache.view(NB * BS, H, D).index_copy_(0, slot_mapping[keep], v[keep].to(v_cache.dtype))
+""",
+            _WRITE_STUB + """
+def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping):
+    cache_write_kernel[(1, 1)](k, v, k_cache, v_cache, slot_mapping, 1, BLOCK_SIZE=1, D=1)
+    keep = slot_mapping >= 0
+    NB, BS, H, D = k_cache.shape
+    k_cache.view(NB * BS, H, D)[slot_mapping[keep]] = k[keep].to(k_cache.dtype)   # index_put_
+    v_cache.view(NB * BS, H, D)[slot_mapping[keep]] = v[keep].to(v_cache.dtype)
+""",
+            _WRITE_STUB + """
+def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping):
+    cache_write_kernel[(1, 1)](k, v, k_cache, v_cache, slot_mapping, 1, BLOCK_SIZE=1, D=1)
+    bs = k_cache.shape[1]
+    for i, s in enumerate(slot_mapping.tolist()):             # torch, token by token, not the kernel
+        if s >= 0:
+            k_cache[s // bs, s % bs] = k[i]
+            v_cache[s // bs, s % bs] = v[i]
+""",
+        ],
+        "wrong": [
+            _write(keep="d < D"),                                               # padding slots written too
+            _write(shift=" + 1"),                                               # each token one slot too far
+            _write(dst="((blk * H + h) * BLOCK_SIZE + off) * D + d"),           # head-major inside a block
+            _write(src="n * H * D + d"),                                        # always head 0's row
+            _write(store_v="pass"),                                             # values never written
+            _write(grid="(N,)"),                                                # one head per token
+            _write().replace("k.contiguous(), v.contiguous()", "k, v"),         # views read as if contiguous
         ],
     },
 }
