@@ -40,6 +40,7 @@ ENFORCED = {
     "solutions_pdf": False,
     "template_pdf": False,
     "export_cell": False,
+    "init_cell": False,                      # the chapter's set-up cell starts the grader (kvlab.course.hosted)
     "tests": {"files": False, "ok_format": True},
 }
 

@@ -32,8 +32,8 @@ import yaml
 
 SOLUTION_TAG = "otter_assign_solution_cell"
 _CHECK = re.compile(r"""grader\.check\(\s*["']([A-Za-z0-9_]+)["']\s*\)""")
-# Imports the tests never need (plotting) are left out of the chapter's test prelude.
-_SKIP_IMPORTS = ("matplotlib", "IPython", "otter", "os", "time")
+# Imports the tests never need (plotting, the set-up cell's) are left out of the chapter's test prelude.
+_SKIP_IMPORTS = ("matplotlib", "IPython", "otter", "os", "time", "importlib")
 # A prompt may state the label itself ("*Difficulty 3/3 · about 40 minutes.*") instead of the yaml.
 _PROMPT_LABEL = re.compile(r"difficulty\s*(\d)\s*/\s*3\s*·\s*about\s*(\d+)\s*min", re.IGNORECASE)
 
