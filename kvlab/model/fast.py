@@ -53,7 +53,8 @@ class PackedLinear(nn.Module):
 
     `torch.ops.mkldnn._reorder_linear_weight` and `_linear_pointwise` are the ops PyTorch's own
     CPU inductor backend emits for a frozen linear layer; they are private, so the fallback is kept
-    and tested (tests/test_model_fast.py runs both and compares them with F.linear).
+    and tested (tests/test_model_fast.py runs both and compares them with F.linear). A prepacked
+    weight is in oneDNN's CPU layout: move or cast the reference model first, then pack.
     """
 
     # the number of rows the packing is tuned for: a decode batch, not a prompt
