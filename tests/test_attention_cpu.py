@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import random_llama
+from helpers import random_llama, random_paged
 
 import kvlab
 from kvlab import SamplingParams
@@ -18,22 +18,11 @@ from kvlab.attention import backend_module, paged_cpu, paged_torch
 TOL = 1e-10
 
 
-def _layout(ctx_lens, block_size, num_blocks, gen):
-    """Random disjoint block tables (padded with -1), so sequences scatter over the pool."""
-    perm = torch.randperm(num_blocks, generator=gen).tolist()
-    tables, M = [], max(-(-L // block_size) for L in ctx_lens)
-    for L in ctx_lens:
-        n = -(-L // block_size)
-        tables.append(perm[:n] + [-1] * (M - n))
-        perm = perm[n:]
-    return torch.tensor(tables, dtype=torch.int32)
-
-
 def _pools(ctx, block_size, Hkv, D, dtype, gen):
-    NB = sum(-(-L // block_size) for L in ctx) + 3
-    kc = torch.randn(NB, block_size, Hkv, D, dtype=torch.float64, generator=gen).to(dtype)
-    vc = torch.randn(NB, block_size, Hkv, D, dtype=torch.float64, generator=gen).to(dtype)
-    return kc, vc, _layout(ctx, block_size, NB, gen)
+    """Random pools and block tables scattering each sequence over shuffled blocks (tests/helpers.py)."""
+    kc, vc, tables, _ = random_paged(ctx, Hkv, D, block_size, dtype=dtype,
+                                     seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
+    return kc, vc, tables
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from kvlab.attention import paged_torch
-from kvlab.attention.paged_torch import gather_blocks, reshape_and_cache
+from kvlab.attention.paged_torch import gather_blocks, reshape_and_cache, sequence_contexts
 
 __all__ = ["reshape_and_cache", "paged_decode_attention", "paged_prefill_attention", "grouped_attention",
            "HALF"]
@@ -101,17 +101,10 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     a cached prefix, or a decode token in a prefill batch, is grouped rows with a causal mask.
     """
     N, Hq, D = q.shape
-    BS, Hkv = k_cache.shape[1], k_cache.shape[2]
+    Hkv = k_cache.shape[2]
     out = torch.empty_like(q)
-    qsl, ctx = query_start_loc.tolist(), context_lens.tolist()
-    for s in range(len(ctx)):
-        start, end, L = qsl[s], qsl[s + 1], ctx[s]
-        q_len = end - start
-        if q_len == 0:
-            continue
-        blocks = block_tables[s, :(L + BS - 1) // BS].long()
-        k = k_cache.index_select(0, blocks).view(-1, Hkv, D)[:L].to(q.dtype)   # [L, Hkv, D]
-        v = v_cache.index_select(0, blocks).view(-1, Hkv, D)[:L].to(q.dtype)
+    for start, end, k, v in sequence_contexts(q, k_cache, v_cache, block_tables, query_start_loc, context_lens):
+        q_len, L = end - start, k.shape[0]
         if q_len == L and q_len > 1:     # a whole prompt: plain causal attention, 4-D
             o = F.scaled_dot_product_attention(
                 q[start:end].transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),

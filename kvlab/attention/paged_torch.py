@@ -73,6 +73,22 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out.view(S, Hq, D)
 
 
+def sequence_contexts(q, k_cache, v_cache, block_tables, query_start_loc, context_lens):
+    """For each sequence of a packed prefill batch with queries: (start, end, k, v), its rows
+    q[start:end] and its whole context's K and V [context_len, Hkv, D] in q's dtype, gathered from
+    its blocks (the prefill entry points of every CPU backend walk the batch this way)."""
+    BS, Hkv, D = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    qsl, ctx = query_start_loc.tolist(), context_lens.tolist()
+    for s in range(len(ctx)):
+        start, end, L = qsl[s], qsl[s + 1], ctx[s]
+        if end == start:
+            continue
+        blocks = block_tables[s, :(L + BS - 1) // BS].long()
+        k = k_cache.index_select(0, blocks).view(-1, Hkv, D)[:L].to(q.dtype)
+        v = v_cache.index_select(0, blocks).view(-1, Hkv, D)[:L].to(q.dtype)
+        yield start, end, k, v
+
+
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                             context_lens: torch.Tensor, scale: float) -> torch.Tensor:
@@ -83,17 +99,10 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     position context_len - q_len + i, seeing keys 0 .. that position. One sequence at a time.
     """
     N, Hq, D = q.shape
-    BS, Hkv = k_cache.shape[1], k_cache.shape[2]
+    Hkv = k_cache.shape[2]
     out = torch.empty_like(q)
-    qsl, ctx = query_start_loc.tolist(), context_lens.tolist()
-    for s in range(len(ctx)):
-        start, end, L = qsl[s], qsl[s + 1], ctx[s]
-        q_len = end - start
-        if q_len == 0:
-            continue
-        blocks = block_tables[s, :(L + BS - 1) // BS].long()
-        k = k_cache.index_select(0, blocks).view(-1, Hkv, D)[:L].to(q.dtype)   # [L, Hkv, D]
-        v = v_cache.index_select(0, blocks).view(-1, Hkv, D)[:L].to(q.dtype)
+    for start, end, k, v in sequence_contexts(q, k_cache, v_cache, block_tables, query_start_loc, context_lens):
+        q_len, L = end - start, k.shape[0]
         qs, ks, vs = q[start:end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
         if q_len == L or q_len == 1:     # a whole prompt (plain causal) or one token (sees all)
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=q_len > 1, scale=scale,
