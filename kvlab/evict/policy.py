@@ -39,7 +39,8 @@ class EvictionConfig:
     recent: the recent window of ``h2o`` (default budget // 2) and the observation/decode window of
         ``snapkv`` (default min(32, budget // 2)).
     pool: ``snapkv``'s max-pooling width over positions (odd).
-    block_size: a budget must hold the sinks plus one block of recent tokens (1 for the twin).
+    block_size: a budget must hold the sinks plus one block of recent tokens; the engine's block
+        size, and the twin's cut is then block-lazy as the engine's (1: cut after every pass).
     """
     policy: str
     budget: int
