@@ -103,6 +103,19 @@ class Evictor:
         return compaction
 
 
+def eviction_config(budget, policy, num_sinks, window, block_size) -> EvictionConfig | None:
+    """The KV budget's EvictionConfig (kvlab/evict/policy.py), or None without a budget."""
+    if budget is None:
+        if policy is not None:
+            raise ValueError(f"kv_eviction={policy!r} needs kv_budget_tokens (the entries a sequence keeps)")
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise ValueError(f"kv_budget_tokens must be a positive int, got {budget!r}")
+    if window is not None and policy not in ("h2o", "snapkv"):
+        raise ValueError(f"kv_eviction_window is the recent window of 'h2o' and 'snapkv', not of {policy!r}")
+    return EvictionConfig(policy or "window", budget, num_sinks, window, block_size=block_size)
+
+
 def max_blocks_per_sequence(config: EvictionConfig, block_size: int) -> int:
     """Blocks a decoding sequence holds at most under the budget: ceil(B / block_size) + 1."""
     return -(-config.budget // block_size) + 1

@@ -26,7 +26,7 @@ from kvlab.cache.paged import PagedKVCache
 from kvlab.engine.block_manager import BlockManager
 from kvlab.engine.core import EngineCore
 from kvlab.engine.kv_budget import DEFAULT_KV_CACHE_BYTES, kv_costs, plan_kv_pool
-from kvlab.engine.kv_eviction import Evictor, check_combination, max_blocks_per_sequence
+from kvlab.engine.kv_eviction import Evictor, check_combination, eviction_config, max_blocks_per_sequence
 from kvlab.engine.metrics import render_prometheus
 from kvlab.engine.model_runner import ModelRunner
 from kvlab.engine.outputs import CompletionOutput, RequestOutput
@@ -35,7 +35,6 @@ from kvlab.engine.row_budget import RowBudget
 from kvlab.engine.sampling import SamplingParams
 from kvlab.engine.scheduler import Scheduler
 from kvlab.engine.sequence import Sequence
-from kvlab.evict.policy import EvictionConfig
 from kvlab.quant.common import DEFAULT_BLOCK_SIZE, check_kv_cache_dtype
 
 PREFIX_CACHES = ("hash", "radix", "none")
@@ -56,19 +55,6 @@ def _resolve_model(model, dtype, device):
     raise ValueError(f"model must be None, a path, a (model, tokenizer) pair or a model, got {type(model)}")
 
 
-def _eviction_config(budget, policy, num_sinks, window, block_size):
-    """The KV budget's EvictionConfig (kvlab/evict/policy.py), or None without a budget."""
-    if budget is None:
-        if policy is not None:
-            raise ValueError(f"kv_eviction={policy!r} needs kv_budget_tokens (the entries a sequence keeps)")
-        return None
-    if isinstance(budget, bool) or not isinstance(budget, int):
-        raise ValueError(f"kv_budget_tokens must be a positive int, got {budget!r}")
-    if window is not None and policy not in ("h2o", "snapkv"):
-        raise ValueError(f"kv_eviction_window is the recent window of 'h2o' and 'snapkv', not of {policy!r}")
-    return EvictionConfig(policy or "window", budget, num_sinks, window, block_size=block_size)
-
-
 class LLM:
     """kvlab.LLM(model=None, ...): see docs/architecture.md for every argument.
 
@@ -78,6 +64,11 @@ class LLM:
     or a BlockAllocator object), `kv_cache_dtype` ("auto", "int8", "fp8", "int4", "int2" or a
     KVFormat codec), `attention_backend` ("torch": the reference, "cpu": the same on the CPU's
     fused attention kernel, "triton", or an object with the three paged attention functions).
+
+    A per-sequence KV budget (kvlab/engine/kv_eviction.py; docs/architecture.md, "KV eviction"):
+    `kv_budget_tokens` entries kept per sequence (None: no budget, the engine as without it),
+    `kv_eviction` "window" (default), "streaming" (with `num_sink_tokens`), "h2o" or "snapkv"
+    (with `kv_eviction_window`, their recent / observation window).
     """
 
     def __init__(self, model=None, block_size: int | None = None, num_kv_blocks: int | None = None,
@@ -144,7 +135,7 @@ class LLM:
             raise ValueError("keep_sink_token keeps a quantized cache's first token in full "
                              "precision: it needs kv_cache_dtype int8, fp8, int4 or int2")
 
-        self.eviction = _eviction_config(kv_budget_tokens, kv_eviction, num_sink_tokens,
+        self.eviction = eviction_config(kv_budget_tokens, kv_eviction, num_sink_tokens,
                                          kv_eviction_window, block_size)
         if self.eviction is not None:
             check_combination(self.eviction, fmt, prefix_cache if allocator is None else "custom",

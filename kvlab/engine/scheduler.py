@@ -35,6 +35,12 @@ waiting queue, to be prefilled again (prompt + tokens generated so far) once blo
 (Kwon et al., 2023, "Efficient Memory Management for Large Language Model Serving with
 PagedAttention", section 4.5). The oldest request always makes progress, so the engine cannot
 livelock as long as every request alone fits in the pool (the LLM checks that at admission).
+
+**A per-sequence KV budget** (`evictor`, kvlab/engine/kv_eviction.py): before anything else a step
+asks the evictor which running sequences are cut now; their new block tables come from the block
+manager at once (the blocks they let go serve this step), and the copies the cache must make
+before the forward travel in `Schedule.compactions`. Block counts are then in cache entries
+(`num_evicted_tokens` fewer than tokens); the block manager does that conversion.
 """
 from __future__ import annotations
 
