@@ -264,3 +264,27 @@ def test_a_long_prompt_still_fits_the_pool_check(model):
     with pytest.raises(ValueError, match="num_kv_blocks=12"):
         llm.add_request(prompts_for([60])[0], kvlab.SamplingParams(max_tokens=10))
     assert math.ceil(16 / 4) + 1 == max_blocks_per_sequence(llm.eviction, 4)
+
+
+def test_the_selection_seam_runs_a_plugged_function(model):
+    """kv_eviction_keep_top replaces h2o's selection: kvlab's own passed in gives the same tokens,
+    a different rule (the oldest instead of the heaviest) other ones, and it is called."""
+    from kvlab.evict.policy import keep_top_and_recent
+    calls = []
+
+    def counted(scores, budget, recent):
+        calls.append(scores.shape)
+        return keep_top_and_recent(scores, budget, recent)
+
+    def oldest(scores, budget, recent):
+        n = scores.shape[-1]
+        idx = torch.cat([torch.arange(budget - recent), torch.arange(n - recent, n)])
+        return idx.expand(*scores.shape[:-1], budget)
+
+    prompts = prompts_for([37, 25])
+    ref = tokens(engine(model, "h2o").generate(prompts, GREEDY, use_tqdm=False))
+    assert tokens(engine(model, "h2o", kv_eviction_keep_top=counted).generate(prompts, GREEDY, use_tqdm=False)) == ref
+    assert calls and all(s[0] == 2 for s in calls)             # [KV heads, entries]
+    assert tokens(engine(model, "h2o", kv_eviction_keep_top=oldest).generate(prompts, GREEDY, use_tqdm=False)) != ref
+    with pytest.raises(ValueError, match="kv_eviction_keep_top"):
+        engine(model, "window", kv_eviction_keep_top=counted)

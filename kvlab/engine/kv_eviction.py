@@ -103,7 +103,7 @@ class Evictor:
         return compaction
 
 
-def eviction_config(budget, policy, num_sinks, window, block_size) -> EvictionConfig | None:
+def eviction_config(budget, policy, num_sinks, window, block_size, keep_top=None) -> EvictionConfig | None:
     """The KV budget's EvictionConfig (kvlab/evict/policy.py), or None without a budget."""
     if budget is None:
         if policy is not None:
@@ -113,7 +113,11 @@ def eviction_config(budget, policy, num_sinks, window, block_size) -> EvictionCo
         raise ValueError(f"kv_budget_tokens must be a positive int, got {budget!r}")
     if window is not None and policy not in ("h2o", "snapkv"):
         raise ValueError(f"kv_eviction_window is the recent window of 'h2o' and 'snapkv', not of {policy!r}")
-    return EvictionConfig(policy or "window", budget, num_sinks, window, block_size=block_size)
+    if keep_top is not None and (policy not in ("h2o", "snapkv") or not callable(keep_top)):
+        raise ValueError(f"kv_eviction_keep_top is a function choosing by scores, for 'h2o' and 'snapkv'; "
+                         f"got {type(keep_top).__name__} with kv_eviction={policy!r}")
+    return EvictionConfig(policy or "window", budget, num_sinks, window, block_size=block_size,
+                          keep_top=keep_top)
 
 
 def max_blocks_per_sequence(config: EvictionConfig, block_size: int) -> int:

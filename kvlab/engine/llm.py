@@ -68,7 +68,8 @@ class LLM:
     A per-sequence KV budget (kvlab/engine/kv_eviction.py; docs/architecture.md, "KV eviction"):
     `kv_budget_tokens` entries kept per sequence (None: no budget, the engine as without it),
     `kv_eviction` "window" (default), "streaming" (with `num_sink_tokens`), "h2o" or "snapkv"
-    (with `kv_eviction_window`, their recent / observation window).
+    (with `kv_eviction_window`, their recent / observation window; `kv_eviction_keep_top`, a
+    function with `kvlab.evict.policy.keep_top_and_recent`'s signature, replaces their selection).
     """
 
     def __init__(self, model=None, block_size: int | None = None, num_kv_blocks: int | None = None,
@@ -79,7 +80,8 @@ class LLM:
                  device="cpu", scheduling_policy=None, fp8_calibration=None,
                  enable_chunked_prefill: bool = False, keep_sink_token: bool = False,
                  prefix_cache=None, kv_budget_tokens: int | None = None, kv_eviction: str | None = None,
-                 num_sink_tokens: int = 4, kv_eviction_window: int | None = None):
+                 num_sink_tokens: int = 4, kv_eviction_window: int | None = None,
+                 kv_eviction_keep_top=None):
         codec = None if isinstance(kv_cache_dtype, str) else kv_cache_dtype
         if codec is None:
             check_kv_cache_dtype(kv_cache_dtype)
@@ -136,7 +138,7 @@ class LLM:
                              "precision: it needs kv_cache_dtype int8, fp8, int4 or int2")
 
         self.eviction = eviction_config(kv_budget_tokens, kv_eviction, num_sink_tokens,
-                                         kv_eviction_window, block_size)
+                                         kv_eviction_window, block_size, kv_eviction_keep_top)
         if self.eviction is not None:
             check_combination(self.eviction, fmt, prefix_cache if allocator is None else "custom",
                               keep_sink_token)
