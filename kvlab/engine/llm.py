@@ -53,6 +53,21 @@ def _resolve_model(model, dtype, device):
     raise ValueError(f"model must be None, a path, a (model, tokenizer) pair or a model, got {type(model)}")
 
 
+def _check_windowed(fmt, kv_cache_dtype, attention_backend) -> None:
+    """A model with sliding-window layers runs on the model-dtype paged cache, whose backend takes
+    `sliding_window=` (docs/architecture.md, "Sliding-window layers"); anything else is refused."""
+    from kvlab.attention import accepts_sliding_window, backend_module
+
+    if fmt != "auto":
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} with a model that has sliding-window layers: "
+                         "only kv_cache_dtype='auto' applies the windows (the quantized and codec caches "
+                         "do not); use kv_cache_dtype='auto'")
+    if not accepts_sliding_window(backend_module(attention_backend)):
+        raise ValueError(f"the model has sliding-window layers but attention_backend "
+                         f"{type(attention_backend).__name__} takes no sliding_window= keyword in "
+                         "paged_decode_attention and paged_prefill_attention")
+
+
 class LLM:
     """kvlab.LLM(model=None, ...): see docs/architecture.md for every argument.
 
@@ -123,6 +138,9 @@ class LLM:
             getattr(self.tokenizer, "eos_token_id", None)
         if fp8_calibration is not None and fmt != "fp8":
             raise ValueError(f"fp8_calibration is only for kv_cache_dtype='fp8', not {kv_cache_dtype!r}")
+        self.sliding_windows = getattr(cfg, "sliding_windows", None)
+        if self.sliding_windows is not None:
+            _check_windowed(fmt, kv_cache_dtype, attention_backend)
         if keep_sink_token and fmt in ("auto", "codec"):
             raise ValueError("keep_sink_token keeps a quantized cache's first token in full "
                              "precision: it needs kv_cache_dtype int8, fp8, int4 or int2")
@@ -160,7 +178,7 @@ class LLM:
         kw = dict(num_blocks=plan.num_blocks, **shape, dtype=self.model.dtype, device=self.model.device,
                   attention_backend=attention_backend)
         if fmt == "auto":
-            return PagedKVCache(**kw)
+            return PagedKVCache(**kw, sliding_windows=self.sliding_windows)
         if fmt == "codec":
             from kvlab.cache.codec import CodecPagedKVCache
             return CodecPagedKVCache(codec, **kw)
