@@ -234,11 +234,15 @@ def test_caches_and_fast_model_apply_the_window(shape):
 
 # ---- the engine --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", [MISTRAL_TINY, GEMMA2_TINY])
-@pytest.mark.parametrize("backend,chunked", [("torch", False), ("torch", True), ("cpu", True)])
+@pytest.mark.parametrize("backend,chunked", [("torch", False), ("torch", True), ("cpu", True), ("triton", True)])
 def test_engine_generates_the_reference_tokens(shape, backend, chunked):
     """Greedy through kvlab.LLM (prefix hits on a shared head, chunks of 8 tokens, several blocks out
-    of each window) equals kvlab.generate on the dense model with the window mask."""
-    model = random_model(shape, seed=3, dtype=torch.float64, sliding_window=6)
+    of each window) equals kvlab.generate on the dense model with the window mask (float64; the
+    Triton kernels run float32, in the interpreter here)."""
+    if backend == "triton":
+        pytest.importorskip("triton", reason="Triton is Linux-only")
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    model = random_model(shape, seed=3, dtype=dtype, sliding_window=6).to(DEVICE if backend == "triton" else "cpu")
     g = torch.Generator().manual_seed(3)
     head = torch.randint(0, 256, (9,), generator=g).tolist()
     prompts = [head + torch.randint(0, 256, (n,), generator=g).tolist() for n in (2, 14, 25)]
