@@ -352,3 +352,14 @@ def test_hugging_face_configs(tmp_path):
     with pytest.raises(ValueError, match="mixes sliding_attention and full_attention"):
         hf_config(GEMMA2_TINY)
     assert hf_config(LlamaConfig())["model_type"] == "llama"
+
+
+def test_memory_calculator_reads_the_windows():
+    """kvlab.costs counts a windowed LlamaConfig as it counts the published Mistral and Gemma 2."""
+    from kvlab.costs.memory import kv_bytes_per_token, kv_cache_bytes
+
+    per_layer = kv_bytes_per_token(MISTRAL_TINY) // MISTRAL_TINY.num_layers
+    assert kv_cache_bytes(MISTRAL_TINY, 100) == kv_cache_bytes(MISTRAL_TINY, 16) == 4 * 16 * per_layer
+    per_layer = kv_bytes_per_token(GEMMA2_TINY) // GEMMA2_TINY.num_layers
+    assert kv_cache_bytes(GEMMA2_TINY, 100) == per_layer * (2 * 100 + 2 * 16)
+    assert kv_cache_bytes(LlamaConfig(), 100) == 100 * kv_bytes_per_token(LlamaConfig())
