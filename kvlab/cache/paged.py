@@ -17,7 +17,7 @@ layer's queries over their last W cache indices only (`sliding_window=` of the e
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,6 +33,9 @@ class AttentionMetadata:
     context_lens: torch.Tensor     # [S] int32: tokens in the cache for s after this step's write
     block_tables: torch.Tensor     # [S, max_blocks] int32, padded with -1
     is_decode: bool                # every sequence has exactly one new token
+    # a per-sequence KV budget (kvlab/engine/kv_eviction.py, kvlab/cache/compaction.py)
+    compactions: list = field(default_factory=list)     # cuts to copy before the forward
+    score_rows: torch.Tensor | None = None              # [N] bool: queries whose attention is summed
 
 
 def step_metadata(cache, q: torch.Tensor) -> AttentionMetadata:
@@ -71,6 +74,7 @@ class PagedKVCache:
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self.scale = 1.0 / math.sqrt(head_dim)
         self.metadata: AttentionMetadata | None = None
+        self.compactor = None      # a KV budget's KVCompactor (kvlab.LLM sets it), else None
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -81,7 +85,9 @@ class PagedKVCache:
 
     def begin_step(self, metadata: AttentionMetadata | None, freed_blocks=()) -> None:
         """Called by the engine's runner before each forward pass (nothing is kept per block here,
-        so the freed blocks need nothing)."""
+        so the freed blocks need nothing); a KV budget's cuts are copied first."""
+        if metadata is not None and metadata.compactions:
+            self.compactor.compact(self, metadata.compactions)
         self.metadata = metadata
 
     def end_step(self) -> None:
@@ -94,8 +100,18 @@ class PagedKVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every tensor this cache holds."""
-        return sum(t.numel() * t.element_size() for t in (*self.k_cache, *self.v_cache))
+        """Bytes of every tensor this cache holds (with a KV budget's scores)."""
+        scores = self.compactor.nbytes if self.compactor is not None else 0
+        return sum(t.numel() * t.element_size() for t in (*self.k_cache, *self.v_cache)) + scores
+
+    # ---- a per-sequence KV budget (kvlab/cache/compaction.py) -------------------------------
+    def slot_views(self, layer: int) -> list[torch.Tensor]:
+        """The layer's per-slot tensors, [num_blocks * block_size, Hkv, ...]: what a cut moves."""
+        return [t[layer].view(-1, *t[layer].shape[2:]) for t in (self.k_cache, self.v_cache)]
+
+    def context_keys(self, layer: int, blocks: torch.Tensor) -> torch.Tensor:
+        """Keys of the given blocks, in order, [len(blocks) * block_size, Hkv, D]."""
+        return self.k_cache[layer].index_select(0, blocks).flatten(0, 1)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [1, N, Hq, D], k and v [1, N, Hkv, D] (packed batch) -> [1, N, Hq, D]."""
@@ -110,6 +126,8 @@ class PagedKVCache:
         else:
             out = self.ops.paged_prefill_attention(q, kc, vc, m.block_tables, m.query_start_loc,
                                                    m.context_lens, self.scale, **kw)
+        if self.compactor is not None:
+            self.compactor.observe(self, layer, q, m)
         return out.unsqueeze(0)
 
     def advance(self, num_tokens: int) -> None:

@@ -102,6 +102,7 @@ class QuantizedPagedKVCache:
         self.fused = attention_backend == "triton"
         self.scale = 1.0 / math.sqrt(head_dim)
         self.metadata, self._closed = None, True
+        self.compactor = None      # a KV budget's KVCompactor (kvlab.LLM sets it), else None
 
     # the codec's storage, per layer (what the kernels read; tests compare it across backends)
     k_cache = _codec_storage("k_cache", "codes of the keys, one [NB, BS, Hkv, ...] tensor per layer")
@@ -159,7 +160,20 @@ class QuantizedPagedKVCache:
     @property
     def nbytes(self) -> int:
         """Bytes of every tensor this cache holds: codes, scales, zeros, key shifts, rows."""
-        return self.codec.nbytes + self.rows.nbytes
+        scores = self.compactor.nbytes if self.compactor is not None else 0
+        return self.codec.nbytes + self.rows.nbytes + scores
+
+    # ---- a per-sequence KV budget (kvlab/cache/compaction.py): per-token formats only ---------
+    def slot_views(self, layer: int) -> list[torch.Tensor]:
+        """The layer's per-slot tensors (codes, and scales kept per token), [NB * BS, Hkv, ...]."""
+        lead = (self.num_blocks, self.block_size, self.num_kv_heads)
+        found = [getattr(self.codec, name)[layer] for name in ("k_cache", "v_cache", "k_scale", "v_scale")
+                 if getattr(self.codec, name, None) is not None]
+        return [t.view(-1, *t.shape[2:]) for t in found if tuple(t.shape[:3]) == lead]
+
+    def context_keys(self, layer: int, blocks: torch.Tensor) -> torch.Tensor:
+        """Dequantized keys of the given blocks, in order, [len(blocks) * block_size, Hkv, D]."""
+        return self.dequantize_blocks(layer, blocks)[0].flatten(0, 1)
 
     # ---- the step -------------------------------------------------------------------------------
     def discard_blocks(self, block_ids) -> None:
@@ -171,6 +185,8 @@ class QuantizedPagedKVCache:
         the last step give their rows back (one of them may be written again this step), then the
         step's residual and sink rows open (kvlab/cache/rows.py)."""
         self.rows.begin_step(metadata, freed_blocks)
+        if metadata is not None and metadata.compactions:
+            self.compactor.compact(self, metadata.compactions)
         self.metadata, self._closed = metadata, False
 
     def advance(self, num_tokens: int) -> None:
@@ -251,4 +267,7 @@ class QuantizedPagedKVCache:
         """q [1, N, Hq, D], k and v [1, N, Hkv, D] (packed batch) -> [1, N, Hq, D]."""
         m = step_metadata(self, q)
         attend = self._attend_fused if self.fused else self._attend_reference
-        return attend(layer, q[0], k[0], v[0], m).unsqueeze(0)
+        out = attend(layer, q[0], k[0], v[0], m)
+        if self.compactor is not None:
+            self.compactor.observe(self, layer, q[0], m)
+        return out.unsqueeze(0)

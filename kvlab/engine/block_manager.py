@@ -52,6 +52,11 @@ from dataclasses import dataclass
 from kvlab.engine.prefix_hash import ROOT, extra_keys_for, hash_block
 
 
+def _stored(seq, num_tokens: int) -> int:
+    """Entries the cache holds for seq's first num_tokens tokens (less those a KV budget dropped)."""
+    return num_tokens - getattr(seq, "num_evicted_tokens", 0)
+
+
 @dataclass
 class Block:
     """One physical block. `generation` counts how often its contents were replaced; (block_id,
@@ -136,6 +141,7 @@ class BlockManager:
         self.free_queue = FreeBlockQueue(range(num_blocks))
         self.cached: dict[bytes, int] = {}                    # block hash -> block id
         self._chains: dict[int, list[tuple]] = {}  # seq_id -> (hash, canonical ref) per hashed block
+        self._cut: set[int] = set()                # seq_ids whose blocks no longer hold a prefix
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
         self.num_evicted_blocks = 0                           # cached blocks reused for new contents
@@ -177,7 +183,7 @@ class BlockManager:
         """Is there room for seq's first `num_tokens` tokens (default all: its newest token)? It
         needs fresh blocks only for the tokens that no longer fit in the blocks it holds."""
         n = len(seq) if num_tokens is None else num_tokens
-        return self.num_blocks_for(n) - len(seq.block_table) <= len(self.free_queue)
+        return self.num_blocks_for(_stored(seq, n)) - len(seq.block_table) <= len(self.free_queue)
 
     # ---- the prefix cache ------------------------------------------------------------------
     def _block_key(self, seq, i: int, parent_hash: bytes):
@@ -332,7 +338,7 @@ class BlockManager:
         full become findable in the prefix cache (sequences admitted in the same step read K/V
         the same forward writes first). A smaller `num_computed` than before takes back what this
         sequence registered past it: the step's forward failed, those K/V do not exist."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.seq_id in self._cut:
             return
         chain = self._chains.get(seq.seq_id, [])
         keep = num_computed // self.block_size
@@ -349,7 +355,7 @@ class BlockManager:
         next chunk of a prompt). Called alone with the default (all tokens, after a sampled token
         was appended), the blocks before the newest token are computed and get registered."""
         n = len(seq) if num_tokens is None else num_tokens
-        need = self.num_blocks_for(n) - len(seq.block_table)
+        need = self.num_blocks_for(_stored(seq, n)) - len(seq.block_table)
         if need < 0 and num_tokens is None:
             raise RuntimeError(f"sequence of {len(seq)} tokens holds {len(seq.block_table)} "
                                "blocks: tokens were removed without deallocating")
@@ -365,4 +371,43 @@ class BlockManager:
         for block_id in reversed(seq.block_table):
             self._release(block_id)
         seq.block_table.clear()        # num_cached_tokens stays: what the last admission found
+        self._chains.pop(seq.seq_id, None)
+        self._cut.discard(seq.seq_id)
+
+    # ---- a per-sequence KV budget (kvlab/engine/kv_eviction.py) -----------------------------
+    def _reusable(self, seq) -> list[int]:
+        """seq's blocks a cut may write into: its own (one reference) and findable by no one."""
+        return [b for b in seq.block_table
+                if self.blocks[b].ref_count == 1 and self.blocks[b].block_hash is None]
+
+    def can_compact(self, seq, num_keep: int) -> bool:
+        """Could `compact(seq, num_keep)` place the kept entries now? It writes into seq's own
+        unshared blocks first; the rest come from the free queue, joined by the blocks only seq
+        held (a cached block keeps its contents until it is taken)."""
+        reuse = len(self._reusable(seq))
+        released = sum(self.blocks[b].ref_count == 1 for b in seq.block_table) - reuse
+        return self.num_blocks_for(num_keep) - reuse <= len(self.free_queue) + released
+
+    def compact(self, seq, num_keep: int) -> None:
+        """seq keeps `num_keep` entries, to be copied to the front of its new table by the cache
+        before the step's forward. A block another sequence shares, or one the prefix cache can
+        find, is never written: seq lets go of it (it stays cached) and takes a fresh block. From
+        its first cut on, seq's blocks no longer hold a prefix: nothing more of it is registered."""
+        need = self.num_blocks_for(num_keep)
+        reuse = self._reusable(seq)[:need]
+        for block_id in reversed(seq.block_table):
+            if block_id not in reuse:
+                self._release(block_id)
+        seq.block_table[:] = reuse + [self._take_free_block() for _ in range(need - len(reuse))]
+        self._freeze(seq)
+
+    def drop_leading(self, seq, num_blocks: int) -> None:
+        """seq's first `num_blocks` blocks left its window whole: let go of them, nothing moves."""
+        for block_id in reversed(seq.block_table[:num_blocks]):
+            self._release(block_id)
+        del seq.block_table[:num_blocks]
+        self._freeze(seq)
+
+    def _freeze(self, seq) -> None:
+        self._cut.add(seq.seq_id)
         self._chains.pop(seq.seq_id, None)

@@ -21,10 +21,12 @@ import os
 
 import torch
 
+from kvlab.cache.compaction import KVCompactor
 from kvlab.cache.paged import PagedKVCache
 from kvlab.engine.block_manager import BlockManager
 from kvlab.engine.core import EngineCore
 from kvlab.engine.kv_budget import DEFAULT_KV_CACHE_BYTES, kv_costs, plan_kv_pool
+from kvlab.engine.kv_eviction import Evictor, check_combination, eviction_config, max_blocks_per_sequence
 from kvlab.engine.metrics import render_prometheus
 from kvlab.engine.model_runner import ModelRunner
 from kvlab.engine.outputs import CompletionOutput, RequestOutput
@@ -77,6 +79,12 @@ class LLM:
     or a BlockAllocator object), `kv_cache_dtype` ("auto", "int8", "fp8", "int4", "int2" or a
     KVFormat codec), `attention_backend` ("torch": the reference, "cpu": the same on the CPU's
     fused attention kernel, "triton", or an object with the three paged attention functions).
+
+    A per-sequence KV budget (kvlab/engine/kv_eviction.py; docs/architecture.md, "KV eviction"):
+    `kv_budget_tokens` entries kept per sequence (None: no budget, the engine as without it),
+    `kv_eviction` "window" (default), "streaming" (with `num_sink_tokens`), "h2o" or "snapkv"
+    (with `kv_eviction_window`, their recent / observation window; `kv_eviction_keep_top`, a
+    function with `kvlab.evict.policy.keep_top_and_recent`'s signature, replaces their selection).
     """
 
     def __init__(self, model=None, block_size: int | None = None, num_kv_blocks: int | None = None,
@@ -86,7 +94,9 @@ class LLM:
                  enable_prefix_caching: bool = True, dtype: torch.dtype = torch.float32,
                  device="cpu", scheduling_policy=None, fp8_calibration=None,
                  enable_chunked_prefill: bool = False, keep_sink_token: bool = False,
-                 prefix_cache=None):
+                 prefix_cache=None, kv_budget_tokens: int | None = None, kv_eviction: str | None = None,
+                 num_sink_tokens: int = 4, kv_eviction_window: int | None = None,
+                 kv_eviction_keep_top=None):
         codec = None if isinstance(kv_cache_dtype, str) else kv_cache_dtype
         if codec is None:
             check_kv_cache_dtype(kv_cache_dtype)
@@ -145,11 +155,21 @@ class LLM:
             raise ValueError("keep_sink_token keeps a quantized cache's first token in full "
                              "precision: it needs kv_cache_dtype int8, fp8, int4 or int2")
 
+        self.eviction = eviction_config(kv_budget_tokens, kv_eviction, num_sink_tokens,
+                                         kv_eviction_window, block_size, kv_eviction_keep_top)
+        if self.eviction is not None:
+            check_combination(self.eviction, fmt, prefix_cache if allocator is None else "custom",
+                              keep_sink_token)
+
         # ---- the KV memory: blocks and rows, all inside one budget, allocated once -------------
         shape = dict(num_layers=cfg.num_layers, block_size=block_size,
                      num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
         costs = kv_costs(fmt, codec, shape, self.model.dtype, max_num_seqs,
                          self.max_num_batched_tokens, keep_sink_token)
+        scored = self.eviction is not None and self.eviction.policy in ("h2o", "snapkv")
+        if scored:                           # the attention each entry received, per slot
+            costs.index_bytes_per_block += KVCompactor.score_bytes_per_block(
+                cfg.num_layers, block_size, cfg.num_kv_heads, self.model.dtype)
         self.bytes_per_block = costs.bytes_per_block
         budget = kv_cache_memory_bytes
         if num_kv_blocks is None and budget is None:
@@ -160,6 +180,12 @@ class LLM:
         self.kv_cache_memory_bytes = plan.total_bytes if budget is None else budget
         self.cache = self._build_cache(fmt, codec, shape, plan, attention_backend, fp8_calibration,
                                        keep_sink_token)
+        evictor = None
+        if self.eviction is not None:
+            self.cache.compactor = KVCompactor(cfg.num_layers, plan.num_blocks * block_size,
+                                               cfg.num_kv_heads, self.model.dtype,
+                                               self.model.device, scores=scored)
+            evictor = Evictor(self.eviction)
         if allocator is None:
             if prefix_cache == "radix":
                 from kvlab.engine.radix_cache import RadixCache
@@ -170,7 +196,7 @@ class LLM:
         self.prefix_cache = prefix_cache if isinstance(prefix_cache, str) else "custom"
         rows = RowBudget(block_size, plan.residual_rows, plan.sink_rows)
         scheduler = Scheduler(allocator, max_num_seqs, self.max_num_batched_tokens,
-                              scheduling_policy, enable_chunked_prefill, rows)
+                              scheduling_policy, enable_chunked_prefill, rows, evictor)
         self.engine = EngineCore(scheduler, ModelRunner(self.model, self.cache), self.max_model_len,
                                  eos, self.tokenizer, self.model.device)
 
@@ -292,6 +318,9 @@ class LLM:
                              "(prompt plus at least one generated token must fit)")
         longest = min(n + params.max_tokens, self.max_model_len) - 1   # tokens whose K/V are stored
         need = -(-longest // self.block_size)
+        if self.eviction is not None:        # the prompt's prefill, then at most the budget's blocks
+            need = max(-(-n // self.block_size),
+                       min(need, max_blocks_per_sequence(self.eviction, self.block_size)))
         if need > self.num_kv_blocks:
             raise ValueError(f"the request needs up to {need} KV blocks ({longest} tokens at block_size="
                              f"{self.block_size}) but the pool has only num_kv_blocks={self.num_kv_blocks}")

@@ -52,15 +52,16 @@ class ModelRunner:
         for seq, start, end in spans:
             if not 0 <= start < end <= len(seq):
                 raise RuntimeError(f"sequence {seq.seq_id} has no token to compute ({start}..{end})")
-            if len(seq.block_table) * bs < end:
+            off = getattr(seq, "num_evicted_tokens", 0)     # a KV budget's dropped entries
+            if len(seq.block_table) * bs < end - off:
                 raise RuntimeError(f"sequence {seq.seq_id}: {len(seq.block_table)} blocks cannot "
-                                   f"hold {end} tokens")
+                                   f"hold {end - off} entries")
             input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
+            positions.extend(range(start, end))             # RoPE: the original positions
             table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            slots.extend(table[c // bs] * bs + c % bs for c in range(start - off, end - off))
             qsl.append(qsl[-1] + end - start)
-            ctx.append(end)
+            ctx.append(end - off)                           # entries after this step's write
         max_blocks = max(len(s.block_table) for s, _, _ in spans)
         tables = [s.block_table + [-1] * (max_blocks - len(s.block_table)) for s, _, _ in spans]
         dev = self.device
@@ -71,6 +72,11 @@ class ModelRunner:
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
             is_decode=qsl[-1] == len(spans),
         )
+        scored = [getattr(it, "score_from", None) for it in items]
+        if any(f is not None for f in scored):              # a KV budget that reads attention
+            meta.score_rows = torch.tensor(
+                [f is not None and p >= f for (_, a, b), f in zip(spans, scored) for p in range(a, b)],
+                dtype=torch.bool, device=dev)
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev).unsqueeze(0)
         pos = torch.tensor(positions, dtype=torch.int64, device=dev).unsqueeze(0)
         logit_indices = meta.query_start_loc[1:].long() - 1
@@ -94,6 +100,7 @@ class ModelRunner:
         keep = [i for i, it in enumerate(items) if it.samples]
         if len(keep) < len(items):
             logit_indices = logit_indices[keep]
+        meta.compactions = list(getattr(schedule, "compactions", ()))
         self.cache.begin_step(meta, schedule.freed_blocks)
         try:
             return self.model(ids, positions=pos, cache=self.cache, logit_indices=logit_indices)

@@ -35,6 +35,12 @@ waiting queue, to be prefilled again (prompt + tokens generated so far) once blo
 (Kwon et al., 2023, "Efficient Memory Management for Large Language Model Serving with
 PagedAttention", section 4.5). The oldest request always makes progress, so the engine cannot
 livelock as long as every request alone fits in the pool (the LLM checks that at admission).
+
+**A per-sequence KV budget** (`evictor`, kvlab/engine/kv_eviction.py): before anything else a step
+asks the evictor which running sequences are cut now; their new block tables come from the block
+manager at once (the blocks they let go serve this step), and the copies the cache must make
+before the forward travel in `Schedule.compactions`. Block counts are then in cache entries
+(`num_evicted_tokens` fewer than tokens); the block manager does that conversion.
 """
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kvlab.engine.kv_eviction import Evictor
 from kvlab.engine.row_budget import RowBudget
 from kvlab.engine.sequence import Sequence, SequenceStatus
 
@@ -83,6 +90,7 @@ class ScheduledChunk:
     seq: Sequence
     start: int
     num_tokens: int
+    score_from: int | None = None     # KV budget: queries from this position on are scored
 
     @property
     def end(self) -> int:
@@ -100,6 +108,7 @@ class Schedule:
     items: list[ScheduledChunk] = field(default_factory=list)
     freed_blocks: list[int] = field(default_factory=list)   # contents dropped since the last schedule
     num_preempted: int = 0                                   # sequences preempted while planning it
+    compactions: list = field(default_factory=list)          # KV budget cuts the cache copies first
 
     @property
     def seqs(self) -> list[Sequence]:
@@ -125,7 +134,8 @@ class Scheduler:
 
     def __init__(self, block_manager, max_num_seqs: int, max_num_batched_tokens: int,
                  scheduling_policy: SchedulingPolicy | str | None = None,
-                 enable_chunked_prefill: bool = False, rows: RowBudget | None = None):
+                 enable_chunked_prefill: bool = False, rows: RowBudget | None = None,
+                 evictor: Evictor | None = None):
         if max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs must be positive, got {max_num_seqs}")
         if max_num_batched_tokens < max_num_seqs:
@@ -140,6 +150,7 @@ class Scheduler:
                              f"chunk by chunk; {type(block_manager).__name__} does not")
         self.enable_chunked_prefill = enable_chunked_prefill
         self.rows = rows or RowBudget(getattr(block_manager, "block_size", 1))
+        self.evictor = evictor                     # a per-sequence KV budget, or None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []          # in admission order, oldest first
         self.num_preemptions = 0
@@ -156,6 +167,11 @@ class Scheduler:
         """Plan the next step and advance each planned sequence's `num_computed_tokens` to it."""
         bm, chunked = self.block_manager, self.enable_chunked_prefill
         preempted_before = self.num_preemptions
+        # 0. a KV budget: sequences over it are cut first (their blocks free up for this step)
+        cuts = []
+        if self.evictor is not None:
+            planned = ((s, self.evictor.plan(s, bm)) for s in list(self.running))
+            cuts = [(s, c) for s, c in planned if c is not None]
         # 1. decodes: every running sequence whose tokens are all computed but the newest
         #    (chunked prefill: sequences still in their prompt continue in step 2)
         prefilling = [s for s in self.running if len(s) - s.num_computed_tokens > 1]
@@ -229,7 +245,11 @@ class Scheduler:
                 self.running.append(seq)
         for item in items:                         # planning the step is advancing it
             item.seq.num_computed_tokens = item.end
-        return Schedule(items, bm.take_events(), self.num_preemptions - preempted_before)
+        if self.evictor is not None:
+            for item in items:
+                item.score_from = self.evictor.score_from(item.seq)
+        copies = [c for seq, c in cuts if seq.status is SequenceStatus.RUNNING]   # not preempted since
+        return Schedule(items, bm.take_events(), self.num_preemptions - preempted_before, copies)
 
     def _fit(self, seq: Sequence, start: int, n: int) -> int:
         """The largest chunk <= n from `start` whose blocks seq holds or can get now."""
@@ -252,6 +272,8 @@ class Scheduler:
     def _requeue(self, seq: Sequence) -> None:
         self.block_manager.deallocate(seq)
         seq.num_computed_tokens = seq.num_cached_tokens = 0
+        seq.num_evicted_tokens = seq.num_pinned_entries = 0     # recomputed from its tokens
+        seq.kv_snapped = False
         seq.status = SequenceStatus.WAITING
         if seq in self.running:
             self.running.remove(seq)

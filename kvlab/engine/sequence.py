@@ -12,7 +12,8 @@ computes the whole prompt at admission (less what the prefix cache already holds
 `num_cached_tokens`), or, with chunked prefill, the prompt in chunks over several steps; then one
 token per decode step.
 
-Who writes what: the scheduler writes `status`, `num_computed_tokens`, `num_preemptions`; the
+Who writes what: the scheduler writes `status`, `num_computed_tokens`, `num_preemptions` and,
+with a KV budget, the eviction counters (through its `Evictor`); the
 block manager writes `block_table` and `num_cached_tokens`; the engine core (kvlab/engine/core.py)
 writes the tokens, `finish_reason`, `text` and the times. Nobody else writes a sequence.
 """
@@ -55,6 +56,12 @@ class Sequence:
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
         self.num_preemptions = 0
+        # KV eviction (kvlab/engine/kv_eviction.py): entries dropped from the cache, so position p
+        # sits at cache index p - num_evicted_tokens; leading entries no cut may drop; snapkv's
+        # one-time selection made
+        self.num_evicted_tokens = 0
+        self.num_pinned_entries = 0
+        self.kv_snapped = False
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -22,6 +22,7 @@ are plain functions of the scores, so they are tested against brute-force loops.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,10 @@ class EvictionConfig:
     recent: the recent window of ``h2o`` (default budget // 2) and the observation/decode window of
         ``snapkv`` (default min(32, budget // 2)).
     pool: ``snapkv``'s max-pooling width over positions (odd).
-    block_size: a budget must hold the sinks plus one block of recent tokens (1 for the twin).
+    keep_top: the scored rules' selection, a function with `keep_top_and_recent`'s signature (None:
+        that function; chapter 09's exercise plugs a student's in).
+    block_size: a budget must hold the sinks plus one block of recent tokens; the engine's block
+        size, and the twin's cut is then block-lazy as the engine's (1: cut after every pass).
     """
     policy: str
     budget: int
@@ -47,6 +51,7 @@ class EvictionConfig:
     recent: int | None = None
     pool: int = 7
     block_size: int = 1
+    keep_top: Callable | None = None   # h2o's and snapkv's choice, keep_top_and_recent's signature
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -122,12 +127,13 @@ def select_keep(cfg: EvictionConfig, n: int, pinned: int = 0, scores: torch.Tens
     device = scores.device if scores is not None else None
     if n <= cfg.budget:
         return torch.arange(n, device=device).expand(*shape, n)
+    keep_top = cfg.keep_top or keep_top_and_recent
     if cfg.policy == "h2o":
         if scores is None:
             raise ValueError("h2o needs the accumulated attention scores")
-        return keep_top_and_recent(scores, cfg.budget, cfg.window)
+        return keep_top(scores, cfg.budget, cfg.window)
     if cfg.policy == "snapkv" and scores is not None:
-        return keep_top_and_recent(scores, cfg.budget, cfg.window)
+        return keep_top(scores, cfg.budget, cfg.window)
     if cfg.policy == "streaming":
         pinned = min(cfg.num_sinks, n)
     return keep_pinned_and_recent(n, pinned, cfg.budget - pinned, shape, device)

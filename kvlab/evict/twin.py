@@ -7,6 +7,12 @@ new tokens, attends over the store (explicit softmax, so the probabilities can b
 and then cuts the store back to the budget with `kvlab.evict.policy.select_keep`. The store never
 holds more than budget + T entries (T the new tokens of the pass), and budget after it.
 
+With ``config.block_size`` = b > 1 the cut is *block-lazy*, as the engine makes it
+(kvlab/engine/kv_eviction.py): a store is cut back to the budget only once it holds budget + b
+entries or more, so it holds between budget and budget + b - 1 entries after a pass (snapkv's
+snap at the end of the prompt still happens whenever the prompt is over the budget). b = 1, the
+default, cuts after every pass.
+
 Positions. The model rotates keys at their original positions before they reach the cache. With
 ``rope_positions="original"`` (what H2O and SnapKV do: they compress post-rotation keys) they stay
 so, and a query far past the window sees keys at their true distance. With ``"cache"`` (what
@@ -136,10 +142,13 @@ class EvictingKVCache:
         shape = (self.batch, self.num_kv_heads)
         if cfg.policy == "snapkv" and self.length == 0:
             # the first forward is the prompt: snap once from its last `window` queries
+            # (whenever the prompt is over the budget, as the engine does at the prompt's end)
             obs = probs[..., -min(cfg.window, T):, :].sum(dim=(2, 3)).double()   # [B, Hkv, n]
             store.keep(select_keep(cfg, store.n, scores=pool_scores(obs, cfg.pool), shape=shape))
             store.pinned = cfg.budget - cfg.window
             return
+        if store.n < cfg.budget + cfg.block_size:
+            return                           # block-lazy: cut once a whole block's worth is over
         score = store.score if cfg.policy == "h2o" else None
         store.keep(select_keep(cfg, store.n, pinned=store.pinned, scores=score, shape=shape))
 
