@@ -259,10 +259,39 @@ def test_engine_generates_the_reference_tokens(shape, backend, chunked):
     assert again[1].num_cached_tokens > 6
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_window_budget_frees_the_blocks_out_of_a_mistral_window(chunked):
+    """Every layer windowed (W = 6) and kv_eviction='window' with kv_budget_tokens=W: the blocks that
+    fell out of the window go back to the pool (ceil(W / block_size) + 1 per decoding sequence at
+    most), and the tokens are still the dense windowed model's (the kept entries are consecutive,
+    so cache-index differences are position differences)."""
+    from kvlab.engine.kv_eviction import max_blocks_per_sequence
+
+    model = random_model("mistral-tiny", seed=4, dtype=torch.float64, sliding_window=6)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 17, 30)]
+    want = [generate(model, p, 20) for p in prompts]
+    llm = kvlab.LLM(model, block_size=2, num_kv_blocks=80, max_model_len=64, max_num_seqs=4,
+                    kv_budget_tokens=6, kv_eviction="window", enable_chunked_prefill=chunked,
+                    max_num_batched_tokens=8 if chunked else None)
+    cap = max_blocks_per_sequence(llm.eviction, 2)
+    seqs = [llm.engine.requests[llm.add_request(p, kvlab.SamplingParams(max_tokens=20, **GREEDY))]
+            for p in prompts]
+    while llm.has_unfinished_requests():
+        llm.step()
+        for seq in llm.scheduler.running:
+            if len(seq) >= seq.num_prompt_tokens + 2:                   # decoded once
+                assert len(seq.block_table) <= cap
+    assert [s.completion_token_ids for s in seqs] == want
+    assert max(s.num_evicted_tokens for s in seqs) > 20
+
+
 def test_engine_refuses_what_does_not_apply_windows():
     model = random_model("mistral-tiny", dtype=torch.float64)
     with pytest.raises(ValueError, match="kv_cache_dtype='int8' with a model that has sliding-window"):
         kvlab.LLM(model, kv_cache_dtype="int8", num_kv_blocks=16, max_model_len=64)
+    with pytest.raises(ValueError, match="kv_eviction='streaming' with a model that has sliding-window"):
+        kvlab.LLM(model, kv_budget_tokens=32, kv_eviction="streaming", num_kv_blocks=16, max_model_len=64)
 
     class NoWindowBackend:
         reshape_and_cache = staticmethod(paged_torch.reshape_and_cache)

@@ -55,10 +55,17 @@ def _resolve_model(model, dtype, device):
     raise ValueError(f"model must be None, a path, a (model, tokenizer) pair or a model, got {type(model)}")
 
 
-def _check_windowed(fmt, kv_cache_dtype, attention_backend) -> None:
+def _check_windowed(fmt, kv_cache_dtype, attention_backend, eviction) -> None:
     """A model with sliding-window layers runs on the model-dtype paged cache, whose backend takes
-    `sliding_window=` (docs/architecture.md, "Sliding-window layers"); anything else is refused."""
+    `sliding_window=` (docs/architecture.md, "Sliding-window layers"); anything else is refused.
+    The backends mask by cache index, which is the position difference only while the kept entries
+    are consecutive: of the KV budgets, only kv_eviction='window' keeps them so."""
     from kvlab.attention import accepts_sliding_window, backend_module
+
+    if eviction is not None and eviction.policy != "window":
+        raise ValueError(f"kv_eviction={eviction.policy!r} with a model that has sliding-window layers: "
+                         "the windows are masked by cache index, which a cut that keeps non-consecutive "
+                         "entries shifts; use kv_eviction='window' (or no kv_budget_tokens)")
 
     if fmt != "auto":
         raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} with a model that has sliding-window layers: "
@@ -148,9 +155,6 @@ class LLM:
             getattr(self.tokenizer, "eos_token_id", None)
         if fp8_calibration is not None and fmt != "fp8":
             raise ValueError(f"fp8_calibration is only for kv_cache_dtype='fp8', not {kv_cache_dtype!r}")
-        self.sliding_windows = getattr(cfg, "sliding_windows", None)
-        if self.sliding_windows is not None:
-            _check_windowed(fmt, kv_cache_dtype, attention_backend)
         if keep_sink_token and fmt in ("auto", "codec"):
             raise ValueError("keep_sink_token keeps a quantized cache's first token in full "
                              "precision: it needs kv_cache_dtype int8, fp8, int4 or int2")
@@ -160,6 +164,9 @@ class LLM:
         if self.eviction is not None:
             check_combination(self.eviction, fmt, prefix_cache if allocator is None else "custom",
                               keep_sink_token)
+        self.sliding_windows = getattr(cfg, "sliding_windows", None)
+        if self.sliding_windows is not None:
+            _check_windowed(fmt, kv_cache_dtype, attention_backend, self.eviction)
 
         # ---- the KV memory: blocks and rows, all inside one budget, allocated once -------------
         shape = dict(num_layers=cfg.num_layers, block_size=block_size,
