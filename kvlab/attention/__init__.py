@@ -10,10 +10,14 @@ prompts: faster in bfloat16 and for prompts, tested equal to the reference); `pa
 the Triton kernels of kvlab/kernels/. `backend_module(name)` imports the one
 asked for, lazily, so a machine without Triton can still use the torch backend; an object with
 the three functions (a student's backend) is used as it is.
+
+Sliding-window layers: every backend here takes the keyword `sliding_window=W` on both attention
+entry points (`accepts_sliding_window` asks an object whether it does).
 """
 from __future__ import annotations
 
 import importlib
+import inspect
 
 BACKENDS = ("torch", "cpu", "triton")
 
@@ -38,3 +42,16 @@ def backend_module(name):
             raise ValueError("attention_backend='triton' needs the `triton` package, which is not "
                              "importable here; use attention_backend='torch'") from e
     return importlib.import_module(f"kvlab.attention.paged_{name}")
+
+
+def accepts_sliding_window(ops) -> bool:
+    """Whether both attention entry points of a backend module or object take `sliding_window=`
+    (by name or through **kwargs): the paged cache passes it for windowed layers only."""
+    for name in ("paged_decode_attention", "paged_prefill_attention"):
+        try:
+            params = inspect.signature(getattr(ops, name)).parameters.values()
+        except (TypeError, ValueError):   # a builtin without a signature: assume it does not
+            return False
+        if not any(p.name == "sliding_window" or p.kind is p.VAR_KEYWORD for p in params):
+            return False
+    return True

@@ -27,7 +27,9 @@ the convention of `repeat_kv` and of `enable_gqa`. Float32/float64 decode is lef
 K/V are still gathered from the block table into contiguous copies per step (as the reference
 does); a kernel that reads the blocks in place is kvlab/kernels/ (Triton). Tested equal to the
 reference on random inputs, float64 through the grouped path, and token-equal in the engine
-(tests/test_attention_cpu.py).
+(tests/test_attention_cpu.py). Sliding-window layers (`sliding_window=W`, as in paged_torch): decode
+reads only the window's blocks (`paged_torch.window_context`), prefill masks grouped rows with the
+band; tested in tests/test_sliding_window.py.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from kvlab.attention import paged_torch
-from kvlab.attention.paged_torch import gather_blocks, reshape_and_cache, sequence_contexts
+from kvlab.attention.paged_torch import gather_blocks, reshape_and_cache, sequence_contexts, window_context
 
 __all__ = ["reshape_and_cache", "paged_decode_attention", "paged_prefill_attention", "grouped_attention",
            "HALF"]
@@ -57,13 +59,19 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor,
-                           scale: float) -> torch.Tensor:
+                           scale: float, *, sliding_window: int | None = None) -> torch.Tensor:
     """As paged_torch.paged_decode_attention: q [S, Hq, D] over each sequence's context."""
     if q.dtype not in HALF:
-        return paged_torch.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return paged_torch.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                                  sliding_window=sliding_window)
     S, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     G = Hq // Hkv
+    if sliding_window is not None:
+        k, v, valid = window_context(k_cache, v_cache, block_tables, context_lens, sliding_window, q.dtype)
+        out = grouped_attention(q.view(S, Hkv, G, D), k.transpose(1, 2), v.transpose(1, 2), scale,
+                                valid.view(S, 1, 1, -1))
+        return out.reshape(S, Hq, D)
     k = gather_blocks(k_cache, block_tables).to(q.dtype).transpose(1, 2)   # [S, Hkv, L, D]
     v = gather_blocks(v_cache, block_tables).to(q.dtype).transpose(1, 2)
     L = k.shape[2]
@@ -78,15 +86,19 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out.reshape(S, Hq, D)
 
 
-def _prefix_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def _prefix_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 sliding_window: int | None = None) -> torch.Tensor:
     """The last q_len positions of a context of L tokens: q [q_len, Hq, D], k/v [L, Hkv, D] ->
-    [q_len, Hq, D]; query i sits at position L - q_len + i and sees keys 0 .. that position."""
+    [q_len, Hq, D]; query i sits at position L - q_len + i and sees keys 0 .. that position
+    (with a window W, only the last W of them)."""
     q_len, Hq, D = q.shape
     L, Hkv = k.shape[0], k.shape[1]
     G = Hq // Hkv
     rows = q.view(q_len, Hkv, G, D).permute(1, 2, 0, 3).reshape(1, Hkv, G * q_len, D)   # (g, i) order
     pos = torch.arange(L - q_len, L, device=q.device).repeat(G)                         # [G * q_len]
     mask = torch.arange(L, device=q.device).view(1, L) <= pos.view(-1, 1)              # [G * q_len, L]
+    if sliding_window is not None:
+        mask &= torch.arange(L, device=q.device).view(1, L) > pos.view(-1, 1) - sliding_window
     out = grouped_attention(rows, k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
                             scale, mask)                                                # [1, Hkv, G*q, D]
     return out.view(Hkv, G, q_len, D).permute(2, 0, 1, 3).reshape(q_len, Hq, D)
@@ -94,18 +106,23 @@ def _prefix_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor,
-                            context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                            context_lens: torch.Tensor, scale: float, *,
+                            sliding_window: int | None = None) -> torch.Tensor:
     """As paged_torch.paged_prefill_attention: packed queries q [N, Hq, D], one sequence at a time.
 
     A whole prompt (q_len == context_len) is 4-D causal attention on the fused kernel; a chunk over
     a cached prefix, or a decode token in a prefill batch, is grouped rows with a causal mask.
+    With a window that cuts (context longer than W), grouped rows with the band mask.
     """
     N, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     out = torch.empty_like(q)
-    for start, end, k, v in sequence_contexts(q, k_cache, v_cache, block_tables, query_start_loc, context_lens):
+    for start, end, k, v in sequence_contexts(q, k_cache, v_cache, block_tables, query_start_loc,
+                                              context_lens, sliding_window):
         q_len, L = end - start, k.shape[0]
-        if q_len == L and q_len > 1:     # a whole prompt: plain causal attention, 4-D
+        if sliding_window is not None and L > sliding_window:   # the band: grouped rows
+            out[start:end] = _prefix_rows(q[start:end], k, v, scale, sliding_window)
+        elif q_len == L and q_len > 1:   # a whole prompt: plain causal attention, 4-D
             o = F.scaled_dot_product_attention(
                 q[start:end].transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
                 v.transpose(0, 1).unsqueeze(0), is_causal=True, scale=scale, enable_gqa=Hq != Hkv)

@@ -29,6 +29,11 @@ becomes one row of a per-token block table and length, and one launch serves the
 batch. That is exact and reads each K/V tile once per query token and KV head, which is fine for
 the chunk sizes this engine schedules; a prefill kernel tiled over queries as well (FlashAttention
 style) would read each tile once per query *tile* and is the next step for long prompts.
+
+Sliding-window layers: both attention entry points take `sliding_window=W` (keyword, default
+None), passed to the kernel, which starts each query's loop at the tile holding its first
+in-window index (for prefill, each token's own context ends at its position, so the same rule
+gives the band mask).
 """
 from __future__ import annotations
 
@@ -57,18 +62,19 @@ def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scal
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
                            k_scale=None, v_scale=None, *, k_zero=None, v_zero=None, k_res=None,
                            v_res=None, res_slot=None, sink_k=None, sink_v=None,
-                           sink_slot=None) -> torch.Tensor:
+                           sink_slot=None, sliding_window=None) -> torch.Tensor:
     """One query per sequence, q [S, Hq, D] -> [S, Hq, D]."""
     return paged_decode_attention_v3(q.contiguous(), k_cache, v_cache, block_tables,
                                      context_lens, scale, k_scale=k_scale, v_scale=v_scale,
                                      k_zero=k_zero, v_zero=v_zero, k_res=k_res, v_res=v_res,
-                                     res_slot=res_slot, sink_k=sink_k, sink_v=sink_v, sink_slot=sink_slot)
+                                     res_slot=res_slot, sink_k=sink_k, sink_v=sink_v, sink_slot=sink_slot,
+                                     sliding_window=sliding_window)
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, context_lens,
                             scale, k_scale=None, v_scale=None, *, k_zero=None, v_zero=None,
                             k_res=None, v_res=None, res_slot=None, sink_k=None, sink_v=None,
-                            sink_slot=None) -> torch.Tensor:
+                            sink_slot=None, sliding_window=None) -> torch.Tensor:
     """Packed queries q [N, Hq, D]; sequence s owns rows query_start_loc[s]:query_start_loc[s+1],
     the last q_len positions of its context_lens[s] tokens -> [N, Hq, D]."""
     N = q.shape[0]
@@ -86,4 +92,5 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, 
     return paged_decode_attention_v3(q.contiguous(), k_cache, v_cache, tok_tables, tok_ctx,
                                      scale, k_scale=k_scale, v_scale=v_scale, k_zero=k_zero,
                                      v_zero=v_zero, k_res=k_res, v_res=v_res, res_slot=res_slot,
-                                     sink_k=sink_k, sink_v=sink_v, sink_slot=sink_slot)
+                                     sink_k=sink_k, sink_v=sink_v, sink_slot=sink_slot,
+                                     sliding_window=sliding_window)

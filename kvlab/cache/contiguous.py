@@ -13,12 +13,15 @@ Two ways to store them, so the cost of reallocation is visible:
   tensor and copies the whole past into it: O(n) bytes moved per step, O(n^2) over a generation.
 
 Both implement the protocol in `kvlab.cache.base` and use `causal_attention` there, the reference.
+Both take `sliding_windows` (one entry per layer, None = full attention; `for_model` passes the
+model config's): a windowed layer's query sees only the last W positions up to itself. They still
+keep every token (the window is a mask here; a cache that drops old tokens is kvlab.evict's).
 """
 from __future__ import annotations
 
 import torch
 
-from kvlab.cache.base import causal_attention
+from kvlab.cache.base import causal_attention, check_sliding_windows, layer_window
 
 
 def _check_kv(layer: int, num_layers: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -42,12 +45,14 @@ class ContiguousKVCache:
     """
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 sliding_windows=None):
         for name, val in (("num_layers", num_layers), ("batch", batch), ("num_kv_heads", num_kv_heads),
                           ("head_dim", head_dim), ("max_len", max_len)):
             if val <= 0:
                 raise ValueError(f"ContiguousKVCache: {name} must be positive, got {val}")
         self.num_layers, self.max_len = num_layers, max_len
+        self.sliding_windows = check_sliding_windows(sliding_windows, num_layers, "ContiguousKVCache")
         shape = (batch, num_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -59,7 +64,8 @@ class ContiguousKVCache:
         c = model.config
         max_len = c.max_position_embeddings if max_len is None else max_len
         return cls(c.num_layers, batch, c.num_kv_heads, c.head_dim, max_len,
-                   dtype=model.dtype, device=model.device)
+                   dtype=model.dtype, device=model.device,
+                   sliding_windows=getattr(c, "sliding_windows", None))
 
     @property
     def batch(self) -> int:
@@ -113,7 +119,7 @@ class ContiguousKVCache:
             q_offset = self.lengths
         # [B, Hkv, end, D] -> the model's [B, end, Hkv, D] layout (a view, no copy)
         return causal_attention(q, kc[:, :, :end].transpose(1, 2), vc[:, :, :end].transpose(1, 2),
-                                q_offset=q_offset)
+                                q_offset=q_offset, sliding_window=layer_window(self.sliding_windows, layer))
 
     def advance(self, num_tokens: int) -> None:
         self.lengths += num_tokens
@@ -126,17 +132,18 @@ class ConcatKVCache:
     past. All rows have the same length (no per-row lengths: there is no free column to reuse).
     """
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, sliding_windows=None):
         if num_layers <= 0:
             raise ValueError(f"ConcatKVCache: num_layers must be positive, got {num_layers}")
         self.num_layers = num_layers
+        self.sliding_windows = check_sliding_windows(sliding_windows, num_layers, "ConcatKVCache")
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
         self.length = 0
 
     @classmethod
     def for_model(cls, model) -> ConcatKVCache:
-        return cls(model.config.num_layers)
+        return cls(model.config.num_layers, getattr(model.config, "sliding_windows", None))
 
     @property
     def position_offset(self) -> int:
@@ -158,7 +165,7 @@ class ConcatKVCache:
             self.k[layer] = torch.cat([self.k[layer], k], dim=2)  # new tensor, the past is copied
             self.v[layer] = torch.cat([self.v[layer], v], dim=2)
         return causal_attention(q, self.k[layer].transpose(1, 2), self.v[layer].transpose(1, 2),
-                                q_offset=self.length)
+                                q_offset=self.length, sliding_window=layer_window(self.sliding_windows, layer))
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens

@@ -11,6 +11,8 @@ PagedAttention").
 The engine runs the model on a *packed* batch, B = 1 and T = N = all new tokens of all scheduled
 sequences, so this cache speaks the model's KV-cache protocol (kvlab/cache/base.py) unchanged:
 `attend` writes the new K/V to their slots and returns attention over each sequence's context.
+`sliding_windows` (one entry per layer, None = full attention) makes the backend attend a windowed
+layer's queries over their last W cache indices only (`sliding_window=` of the entry points).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvlab.attention import backend_module
+from kvlab.cache.base import check_sliding_windows
 
 
 @dataclass
@@ -48,12 +51,13 @@ class PagedKVCache:
     """K/V block pools for every layer plus the per-step metadata the engine sets.
 
     PagedKVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim,
-                 dtype=torch.float32, device="cpu", attention_backend="torch")
+                 dtype=torch.float32, device="cpu", attention_backend="torch",
+                 sliding_windows=None)
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype = torch.float32, device="cpu",
-                 attention_backend: str = "torch"):
+                 attention_backend: str = "torch", sliding_windows=None):
         for name, value in (("num_layers", num_layers), ("num_blocks", num_blocks),
                             ("block_size", block_size), ("num_kv_heads", num_kv_heads),
                             ("head_dim", head_dim)):
@@ -64,6 +68,7 @@ class PagedKVCache:
         self.device = torch.device(device)
         self.attention_backend = attention_backend
         self.ops = backend_module(attention_backend)
+        self.sliding_windows = check_sliding_windows(sliding_windows, num_layers, "PagedKVCache")
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
@@ -114,11 +119,13 @@ class PagedKVCache:
         q, k, v = q[0], k[0], v[0]
         kc, vc = self.k_cache[layer], self.v_cache[layer]
         self.ops.reshape_and_cache(k, v, kc, vc, m.slot_mapping)
+        window = None if self.sliding_windows is None else self.sliding_windows[layer]
+        kw = {} if window is None else {"sliding_window": window}   # a backend without it still works
         if m.is_decode:
-            out = self.ops.paged_decode_attention(q, kc, vc, m.block_tables, m.context_lens, self.scale)
+            out = self.ops.paged_decode_attention(q, kc, vc, m.block_tables, m.context_lens, self.scale, **kw)
         else:
             out = self.ops.paged_prefill_attention(q, kc, vc, m.block_tables, m.query_start_loc,
-                                                   m.context_lens, self.scale)
+                                                   m.context_lens, self.scale, **kw)
         if self.compactor is not None:
             self.compactor.observe(self, layer, q, m)
         return out.unsqueeze(0)

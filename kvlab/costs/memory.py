@@ -94,13 +94,16 @@ def as_kv_config(config) -> KVConfig:
         return MODELS[config]
     try:
         params = config.num_parameters() if hasattr(config, "num_parameters") else 0
+        windows = getattr(config, "sliding_windows", None) or ()          # a windowed LlamaConfig
         return KVConfig(name=type(config).__name__, num_layers=config.num_layers,
                         num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
                         head_dim=config.head_dim, hidden_size=config.hidden_size,
                         num_params=params,
                         max_context=getattr(config, "max_position_embeddings", 1) or 1,
                         vocab_size=getattr(config, "vocab_size", 0) or 0,
-                        tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
+                        tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+                        sliding_window=config.sliding_window if windows else None,
+                        sliding_layers=sum(w is not None for w in windows))
     except AttributeError as e:
         raise TypeError("config must be a KVConfig, a model name or a LlamaConfig-like object: "
                         f"{e}") from None

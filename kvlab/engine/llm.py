@@ -55,6 +55,28 @@ def _resolve_model(model, dtype, device):
     raise ValueError(f"model must be None, a path, a (model, tokenizer) pair or a model, got {type(model)}")
 
 
+def _check_windowed(fmt, kv_cache_dtype, attention_backend, eviction) -> None:
+    """A model with sliding-window layers runs on the model-dtype paged cache, whose backend takes
+    `sliding_window=` (docs/architecture.md, "Sliding-window layers"); anything else is refused.
+    The backends mask by cache index, which is the position difference only while the kept entries
+    are consecutive: of the KV budgets, only kv_eviction='window' keeps them so."""
+    from kvlab.attention import accepts_sliding_window, backend_module
+
+    if eviction is not None and eviction.policy != "window":
+        raise ValueError(f"kv_eviction={eviction.policy!r} with a model that has sliding-window layers: "
+                         "the windows are masked by cache index, which a cut that keeps non-consecutive "
+                         "entries shifts; use kv_eviction='window' (or no kv_budget_tokens)")
+
+    if fmt != "auto":
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} with a model that has sliding-window layers: "
+                         "only kv_cache_dtype='auto' applies the windows (the quantized and codec caches "
+                         "do not); use kv_cache_dtype='auto'")
+    if not accepts_sliding_window(backend_module(attention_backend)):
+        raise ValueError(f"the model has sliding-window layers but attention_backend "
+                         f"{type(attention_backend).__name__} takes no sliding_window= keyword in "
+                         "paged_decode_attention and paged_prefill_attention")
+
+
 class LLM:
     """kvlab.LLM(model=None, ...): see docs/architecture.md for every argument.
 
@@ -142,6 +164,9 @@ class LLM:
         if self.eviction is not None:
             check_combination(self.eviction, fmt, prefix_cache if allocator is None else "custom",
                               keep_sink_token)
+        self.sliding_windows = getattr(cfg, "sliding_windows", None)
+        if self.sliding_windows is not None:
+            _check_windowed(fmt, kv_cache_dtype, attention_backend, self.eviction)
 
         # ---- the KV memory: blocks and rows, all inside one budget, allocated once -------------
         shape = dict(num_layers=cfg.num_layers, block_size=block_size,
@@ -186,7 +211,7 @@ class LLM:
         kw = dict(num_blocks=plan.num_blocks, **shape, dtype=self.model.dtype, device=self.model.device,
                   attention_backend=attention_backend)
         if fmt == "auto":
-            return PagedKVCache(**kw)
+            return PagedKVCache(**kw, sliding_windows=self.sliding_windows)
         if fmt == "codec":
             from kvlab.cache.codec import CodecPagedKVCache
             return CodecPagedKVCache(codec, **kw)

@@ -50,6 +50,11 @@ in fp16, which converts from them in fewer instructions than bf16 does, and dequ
 values keep 3 more mantissa bits than bf16 (q and int4 values must then fit fp16's range,
 |x| < 65504: int4 already requires it, and every model we serve meets it for q). A single
 partition writes the output directly.
+
+Sliding-window layers (`sliding_window=W`): a query at cache index ctx - 1 sees the indices
+ctx - W .. ctx - 1 only. Each partition starts its loop at the tile holding ctx - W (partitions
+wholly before it write lse = -inf and weigh nothing) and masks the indices before it, so the
+blocks out of the window are never read.
 """
 from __future__ import annotations
 
@@ -119,14 +124,14 @@ def _int4_tile(c_ptr, s_ptr, z_ptr, r_ptr, rs_ptr, blk, off, valid, kvh,
 @triton.jit
 def _decode_v3_partition_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr, kr_ptr,
                                 vr_ptr, rs_ptr, sk_ptr, sv_ptr, ss_ptr, bt_ptr, ctx_ptr,
-                                po_ptr, plse_ptr, qk_scale, max_blocks, num_parts,
+                                po_ptr, plse_ptr, qk_scale, max_blocks, num_parts, window,
                                 stride_cb, stride_ct, stride_sb, stride_st,
                                 GROUP: tl.constexpr, Hkv: tl.constexpr, D: tl.constexpr,
                                 BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
                                 BLOCK_N: tl.constexpr, PART: tl.constexpr, FMT: tl.constexpr,
                                 SCALE_STRIDE_H: tl.constexpr, PRECISION: tl.constexpr,
                                 FP16_DOT: tl.constexpr, DIRECT: tl.constexpr, VG: tl.constexpr,
-                                BITS: tl.constexpr, SINK: tl.constexpr):
+                                BITS: tl.constexpr, SINK: tl.constexpr, WINDOW: tl.constexpr):
     s = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
@@ -149,9 +154,15 @@ def _decode_v3_partition_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, kz_ptr, v
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
     end = tl.minimum(ctx, (part + 1) * PART)
-    for start in range(part * PART, end, BLOCK_N):
+    lo = part * PART
+    if WINDOW:  # the first index in the window, and the tile holding it (never an empty tile)
+        first = tl.maximum(ctx - window, 0)
+        lo = tl.maximum(lo, (first // BLOCK_N) * BLOCK_N)
+    for start in range(lo, end, BLOCK_N):
         pos = start + n
         valid = pos < end
+        if WINDOW:
+            valid = valid & (pos >= first)
         blk = tl.load(bt_ptr + s * max_blocks + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         tok = blk * BLOCK_SIZE + pos % BLOCK_SIZE                 # flat slot of each token
         row = blk * stride_cb + (pos % BLOCK_SIZE) * stride_ct + kvh * D
@@ -260,7 +271,7 @@ def paged_decode_attention_v3(q, k_cache, v_cache, block_tables, context_lens, s
                               k_scale=None, v_scale=None, out=None, partition_size=None,
                               block_n=64, num_warps=4, num_stages=2, k_zero=None, v_zero=None,
                               k_res=None, v_res=None, res_slot=None, sink_k=None, sink_v=None,
-                              sink_slot=None):
+                              sink_slot=None, sliding_window=None):
     """q [S, Hq, D]; caches [NB, BS, Hkv, D] in q's dtype, int8 or float8_e4m3fn (then with
     k_scale/v_scale as in docs/architecture.md section 4) -> [S, Hq, D] in q's dtype.
     int4: uint8 caches [NB, BS, Hkv, D/2] (int2: [NB, BS, Hkv, D/4]) with k_scale, k_zero
@@ -268,6 +279,7 @@ def paged_decode_attention_v3(q, k_cache, v_cache, block_tables, context_lens, s
     [R, BS, Hkv, D] in q's dtype and res_slot int32 [NB] (reshape_and_cache_int4).
     Any format: the attention-sink pool sink_k, sink_v [R, Hkv, D] in q's dtype and sink_slot
     int32 [NB], all three or none (module docstring; rows must lie in [0, R), unchecked).
+    `sliding_window` W (an int >= 1, or None): each query sees only its context's last W indices.
 
     The grid is sized from block_tables.shape[1] * BS (an upper bound on the context that needs
     no device-to-host sync); `partition_size` (a multiple of block_n) overrides the heuristic.
@@ -287,6 +299,9 @@ def paged_decode_attention_v3(q, k_cache, v_cache, block_tables, context_lens, s
         per_head = check_scales(fmt, k_cache, k_scale, v_scale)
     sink = check_sink(sink_k, sink_v, sink_slot, H=Hkv, D=D, NB=k_cache.shape[0], dtype=q.dtype,
                       device=q.device)
+    w = sliding_window
+    if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+        raise ValueError(f"sliding_window must be an integer >= 1 or None, got {w!r}")
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     out = torch.empty_like(q) if out is None else out
@@ -308,12 +323,12 @@ def paged_decode_attention_v3(q, k_cache, v_cache, block_tables, context_lens, s
            for t in (k_scale, v_scale, *int4, sink_k, sink_v, sink_slot)]
     _decode_v3_partition_kernel[(S, Hkv, P)](
         q, k_cache, v_cache, *opt, block_tables, context_lens, po, plse,
-        qk_scale, block_tables.shape[1], P, k_cache.stride(0), k_cache.stride(1),
+        qk_scale, block_tables.shape[1], P, w or 0, k_cache.stride(0), k_cache.stride(1),
         BS * Hkv, Hkv, GROUP=Hq // Hkv, Hkv=Hkv, D=D, BLOCK_SIZE=BS,
         BLOCK_G=max(16, next_pow2(Hq // Hkv)), BLOCK_N=block_n, PART=part, FMT=fmt,
         SCALE_STRIDE_H=per_head, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FP16_DOT=fmt != FMT_FLOAT and q.dtype == torch.bfloat16, DIRECT=P == 1, VG=value_group(D),
-        BITS=bits, SINK=sink, num_warps=num_warps, num_stages=num_stages)
+        BITS=bits, SINK=sink, WINDOW=w is not None, num_warps=num_warps, num_stages=num_stages)
     if P > 1:
         _decode_v3_reduce_kernel[(S * Hq,)](po, plse, out, P, D=D, BLOCK_P=next_pow2(P))
     return out

@@ -20,6 +20,7 @@ MergedColumnParallelLinear among them):
     bfloat16 on a CPU without native bfloat16, it falls back to `F.linear`;
   - nothing else changes: the same KV-cache protocol (`cache.attend`), the same positions, the
     same logits contract, so `kvlab.LLM((FastLlama.from_llama(model), tokenizer))` serves it.
+    Sliding-window layers too: the cache applies them, as for the reference.
 
 The weights are copies in the packed layout (the projections are concatenated once), sharing
 the embedding, so it costs the model's size once more while both exist; keep one.
@@ -35,7 +36,7 @@ from torch import nn
 from kvlab.cache.base import KVCache, NoCache
 from kvlab.model.config import LlamaConfig
 from kvlab.model.layers import rope_cos_sin
-from kvlab.model.llama import check_input_ids, default_positions
+from kvlab.model.llama import check_cache_windows, check_input_ids, default_positions
 
 
 def can_prepack(weight: torch.Tensor) -> bool:
@@ -163,7 +164,8 @@ class FastLlama(nn.Module):
         """As kvlab.model.llama.Llama.forward: input_ids [B, T] -> float32 logits."""
         B, T = check_input_ids(input_ids, self.config.vocab_size)
         cfg = self.config
-        cache = NoCache() if cache is None else cache
+        cache = NoCache(cfg.sliding_windows) if cache is None else cache
+        check_cache_windows(cfg, cache)
         if positions is None:
             positions = default_positions(input_ids, cache)
         cos, sin = rope_cos_sin(positions.reshape(B * T), cfg.head_dim, cfg.rope_theta, dtype=torch.float32)

@@ -27,11 +27,21 @@ def hf_config(cfg: LlamaConfig, dtype: torch.dtype = torch.float32) -> dict:
     """The `config.json` of a `LlamaForCausalLM` with kvlab's configuration.
 
     RoPE is written both ways transformers has read it: `rope_theta` at the top level (before 5.0)
-    and `rope_parameters` (5.0 on)."""
+    and `rope_parameters` (5.0 on). A config whose every layer is windowed is written as a
+    `MistralForCausalLM` (the same blocks, plus `sliding_window`); one that mixes windowed and full
+    layers has no Llama-family Hugging Face architecture and is refused."""
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"hf_config: dtype must be one of {list(_DTYPE_NAMES.values())}, got {dtype}")
+    windows = cfg.sliding_windows
+    arch = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    if windows is not None:
+        if None in windows:
+            raise ValueError("hf_config: layer_types mixes sliding_attention and full_attention layers; "
+                             "no Llama-family Hugging Face architecture (llama, mistral) expresses that")
+        arch = {"architectures": ["MistralForCausalLM"], "model_type": "mistral",
+                "sliding_window": cfg.sliding_window}
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        **arch,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,

@@ -29,6 +29,9 @@ def config_from_hf(folder: str) -> LlamaConfig:
         raise ValueError(f"{path}: rope_type {rope.get('rope_type', rope.get('type'))!r} is not supported; "
                          "kvlab implements plain RoPE (rope_type 'default')")
     rope_theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+    # Mistral windows every layer; transformers' MistralConfig defaults sliding_window to 4096 when
+    # the file has none (null: no window). A Llama config has no window.
+    window = c.get("sliding_window", 4096) if c["model_type"] == "mistral" else None
     heads = c["num_attention_heads"]
     eos = c.get("eos_token_id")
     return LlamaConfig(
@@ -40,6 +43,7 @@ def config_from_hf(folder: str) -> LlamaConfig:
         max_position_embeddings=c.get("max_position_embeddings", 2048),
         tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
         bos_token_id=c.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        sliding_window=window,
     )
 
 

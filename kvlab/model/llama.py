@@ -3,6 +3,10 @@
 Shapes use B = batch, T = new tokens in this forward pass, H = query heads, Hkv = key/value heads,
 D = head dim. Keys and values go through a KV cache object (kvlab.cache.base); with no cache the
 model recomputes attention over exactly the tokens it is given.
+
+Sliding-window layers (`LlamaConfig.sliding_window`, `layer_types`) are applied by the cache, which
+knows each layer's window (`sliding_windows`); the model builds its `NoCache` with its config's
+windows and refuses a cache that does not apply them (`check_cache_windows`).
 """
 from __future__ import annotations
 
@@ -65,6 +69,19 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> tuple[int, int]
     return tuple(input_ids.shape)
 
 
+def check_cache_windows(cfg: LlamaConfig, cache) -> None:
+    """A config with sliding-window layers needs a cache that applies exactly those windows
+    (its `sliding_windows` attribute); anything else would attend over the wrong keys, silently."""
+    want = cfg.sliding_windows
+    if want is None:
+        return
+    have = getattr(cache, "sliding_windows", None)
+    if have is None or tuple(have) != want:
+        raise ValueError(f"the model has sliding-window layers (per layer: {list(want)}) but the cache "
+                         f"({type(cache).__name__}) applies sliding_windows={have}: build the cache with "
+                         "sliding_windows=model.config.sliding_windows (for_model does)")
+
+
 def default_positions(input_ids: torch.Tensor, cache) -> torch.Tensor:
     """Positions [B, T] when none are given: 0..T-1 shifted by the cache's `position_offset`
     attribute when it has one (a contiguous cache that already holds tokens)."""
@@ -105,7 +122,8 @@ class Llama(nn.Module):
         """
         cfg = self.config
         B, T = check_input_ids(input_ids, cfg.vocab_size)
-        cache = NoCache() if cache is None else cache
+        cache = NoCache(cfg.sliding_windows) if cache is None else cache
+        check_cache_windows(cfg, cache)
         if positions is None:
             positions = default_positions(input_ids, cache)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype=self.dtype)

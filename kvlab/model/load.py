@@ -62,8 +62,12 @@ def _load_gguf_cached(path: str, device, dtype, use_cache: bool):
             tmp = weights + f".tmp{os.getpid()}"
             save_file({k: torch.as_tensor(v).contiguous() for k, v in state.items()}, tmp)
             os.replace(tmp, weights)
+            # the window fields only when set: a cache folder written here stays readable by a
+            # kvlab that predates them (the folder's key has no version in it)
+            fields = {k: v for k, v in dataclasses.asdict(cfg).items()
+                      if v is not None or k not in ("sliding_window", "layer_types")}
             with open(cfg_file, "w") as f:
-                json.dump(dataclasses.asdict(cfg), f)
+                json.dump(fields, f)
         except OSError:
             pass  # a read-only home is fine: we just load slowly next time
     return model
