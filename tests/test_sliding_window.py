@@ -286,6 +286,27 @@ def test_a_window_budget_frees_the_blocks_out_of_a_mistral_window(chunked):
     assert max(s.num_evicted_tokens for s in seqs) > 20
 
 
+def test_a_mistral_shaped_model_frees_its_out_of_window_blocks_by_itself():
+    """No budget given: every layer windowed, so the engine keeps the window (at least one block)
+    and lets older blocks go; a Gemma-shaped model (full layers too) keeps them all."""
+    from kvlab.engine.kv_eviction import max_blocks_per_sequence
+
+    model = random_model("mistral-tiny", seed=4, dtype=torch.float64, sliding_window=6)
+    prompt = torch.randint(0, 256, (30,), generator=torch.Generator().manual_seed(5)).tolist()
+    llm = kvlab.LLM(model, block_size=4, num_kv_blocks=40, max_model_len=64)
+    assert llm.eviction.policy == "window" and llm.eviction.budget == 6
+    rid = llm.add_request(prompt, kvlab.SamplingParams(max_tokens=24, **GREEDY))
+    seq = llm.engine.requests[rid]
+    while llm.has_unfinished_requests():
+        llm.step()
+        if not seq.is_finished and len(seq) >= seq.num_prompt_tokens + 2:
+            assert len(seq.block_table) <= max_blocks_per_sequence(llm.eviction, 4)
+    assert seq.completion_token_ids == generate(model, prompt, 24)
+    gemma = kvlab.LLM(random_model("gemma2-tiny", dtype=torch.float64), block_size=4, num_kv_blocks=40,
+                      max_model_len=64)
+    assert gemma.eviction is None
+
+
 def test_engine_refuses_what_does_not_apply_windows():
     model = random_model("mistral-tiny", dtype=torch.float64)
     with pytest.raises(ValueError, match="kv_cache_dtype='int8' with a model that has sliding-window"):

@@ -167,6 +167,13 @@ class LLM:
         self.sliding_windows = getattr(cfg, "sliding_windows", None)
         if self.sliding_windows is not None:
             _check_windowed(fmt, kv_cache_dtype, attention_backend, self.eviction)
+            if (self.eviction is None and None not in self.sliding_windows and allocator is None
+                    and prefix_cache in ("hash", "none")):
+                # every layer windowed (Mistral): keep the widest window, let out-of-window blocks go
+                # (a model with full layers too, Gemma's, needs them all: one block table serves
+                # every layer)
+                self.eviction = eviction_config(max(max(self.sliding_windows), block_size), "window",
+                                                num_sink_tokens, None, block_size)
 
         # ---- the KV memory: blocks and rows, all inside one budget, allocated once -------------
         shape = dict(num_layers=cfg.num_layers, block_size=block_size,
