@@ -48,6 +48,27 @@ def _keys(axis="0", levels="levels", shift="i * bits"):
     return _KEYS.replace("{axis}", axis).replace("{levels}", levels).replace("{shift}", shift)
 
 
+_H2O = '''
+import torch
+
+
+def keep_top_and_recent(scores, budget, recent):
+    n = scores.shape[-1]
+    if n <= budget:
+        return torch.arange(n, device=scores.device).expand(*scores.shape[:-1], n)
+    older = {older}
+    top = {top}
+    tail = {tail}.expand(*scores.shape[:-1], recent)
+    return {ret}
+'''
+
+
+def _h2o(older="scores[..., :n - recent]",
+         top="torch.sort(older, dim=-1, descending=True, stable=True).indices[..., :budget - recent]",
+         tail="torch.arange(n - recent, n)", ret="torch.sort(torch.cat([top, tail], dim=-1), dim=-1).values"):
+    return _H2O.replace("{older}", older).replace("{top}", top).replace("{tail}", tail).replace("{ret}", ret)
+
+
 _ATTEND = '''
 import torch
 
@@ -121,6 +142,31 @@ def dequantize_keys(packed, scale, zero, bits=4):
             _keys(axis="-1"),                   # per token instead of per channel
             _keys(levels="2 ** bits"),          # off by one: 16 steps for 16 codes
             _keys(shift="(per_byte - 1 - i) * bits"),   # the even channel in the high nibble
+        ],
+    },
+    "q4_h2o_keep": {
+        "shortcuts": [
+            '''
+from kvlab.evict.policy import keep_top_and_recent as _kvlab
+
+
+def keep_top_and_recent(scores, budget, recent):
+    return _kvlab(scores, budget, recent)
+''',
+            '''
+from kvlab.evict.policy import EvictionConfig, select_keep
+
+
+def keep_top_and_recent(scores, budget, recent):
+    cfg = EvictionConfig("h2o", budget, recent=min(recent, budget - 1))
+    return select_keep(cfg, scores.shape[-1], scores=scores, shape=scores.shape[:-1])
+'''],
+        "wrong": [
+            _h2o(older="scores"),                           # the recent entries compete for the top too
+            _h2o(top="(n - recent - 1) - torch.sort(older.flip(-1), dim=-1, descending=True, "
+                     "stable=True).indices[..., :budget - recent]"),   # ties: the later entry wins
+            _h2o(ret="torch.cat([top, tail], dim=-1)"),     # not in ascending order
+            _h2o(tail="torch.arange(n - recent - 1, n - 1)"),   # the window one entry too early
         ],
     },
     "q3_int8_cache": {
