@@ -11,7 +11,8 @@ produced a token (`new_token_ids`) or was aborted since the last step (finish re
 
 This module is the API only: requests in, RequestOutputs out. The step itself (schedule, run,
 sample, stop, finish) is kvlab/engine/core.py; how the KV memory is split, kv_budget.py; the
-seams (scheduling policy, prefix cache, KV format, attention backend), protocols.py. Every bad
+seams (scheduling policy, prefix cache, KV format, attention backend, scheduler, engine core),
+protocols.py. Every bad
 request is rejected at `add_request` with a ValueError naming the limit; nothing about the
 running requests changes.
 """
@@ -28,7 +29,16 @@ from kvlab.engine.kv_budget import DEFAULT_KV_CACHE_BYTES, kv_costs, plan_kv_poo
 from kvlab.engine.metrics import render_prometheus
 from kvlab.engine.model_runner import ModelRunner
 from kvlab.engine.outputs import CompletionOutput, RequestOutput
-from kvlab.engine.protocols import BLOCK_ALLOCATOR_METHODS, check_protocol
+from kvlab.engine.protocols import (
+    BLOCK_ALLOCATOR_METHODS,
+    ENGINE_CORE_ATTRIBUTES,
+    ENGINE_CORE_METHODS,
+    SCHEDULER_ATTRIBUTES,
+    SCHEDULER_METHODS,
+    build_part,
+    check_factory,
+    check_protocol,
+)
 from kvlab.engine.row_budget import RowBudget
 from kvlab.engine.sampling import SamplingParams
 from kvlab.engine.scheduler import Scheduler
@@ -62,6 +72,11 @@ class LLM:
     or a BlockAllocator object), `kv_cache_dtype` ("auto", "int8", "fp8", "int4", "int2" or a
     KVFormat codec), `attention_backend` ("torch": the reference, "cpu": the same on the CPU's
     fused attention kernel, "triton", or an object with the three paged attention functions).
+    Two more take a factory (a class or a callable, called with keyword arguments named as the
+    kvlab class's parameters), because the LLM builds what they hold: `scheduler`
+    (kvlab.engine.scheduler.Scheduler by default; built around the block allocator) and
+    `engine_core` (kvlab.engine.core.EngineCore by default; the step loop, built around the
+    scheduler and the model runner).
     """
 
     def __init__(self, model=None, block_size: int | None = None, num_kv_blocks: int | None = None,
@@ -71,7 +86,11 @@ class LLM:
                  enable_prefix_caching: bool = True, dtype: torch.dtype = torch.float32,
                  device="cpu", scheduling_policy=None, fp8_calibration=None,
                  enable_chunked_prefill: bool = False, keep_sink_token: bool = False,
-                 prefix_cache=None):
+                 prefix_cache=None, scheduler=None, engine_core=None):
+        scheduler = Scheduler if scheduler is None else scheduler
+        engine_core = EngineCore if engine_core is None else engine_core
+        check_factory(scheduler, "scheduler", "scheduler")
+        check_factory(engine_core, "engine core", "engine_core")
         codec = None if isinstance(kv_cache_dtype, str) else kv_cache_dtype
         if codec is None:
             check_kv_cache_dtype(kv_cache_dtype)
@@ -151,10 +170,15 @@ class LLM:
                                          max_cached_first_blocks=max_num_seqs if keep_sink_token else None)
         self.prefix_cache = prefix_cache if isinstance(prefix_cache, str) else "custom"
         rows = RowBudget(block_size, plan.residual_rows, plan.sink_rows)
-        scheduler = Scheduler(allocator, max_num_seqs, self.max_num_batched_tokens,
-                              scheduling_policy, enable_chunked_prefill, rows)
-        self.engine = EngineCore(scheduler, ModelRunner(self.model, self.cache), self.max_model_len,
-                                 eos, self.tokenizer, self.model.device)
+        scheduler = build_part(scheduler, "scheduler", "scheduler", SCHEDULER_METHODS, SCHEDULER_ATTRIBUTES,
+                               block_manager=allocator, max_num_seqs=max_num_seqs,
+                               max_num_batched_tokens=self.max_num_batched_tokens,
+                               scheduling_policy=scheduling_policy,
+                               enable_chunked_prefill=enable_chunked_prefill, rows=rows)
+        self.engine = build_part(engine_core, "engine core", "engine_core", ENGINE_CORE_METHODS,
+                                 ENGINE_CORE_ATTRIBUTES, scheduler=scheduler,
+                                 runner=ModelRunner(self.model, self.cache), max_model_len=self.max_model_len,
+                                 eos_token_id=eos, tokenizer=self.tokenizer, device=self.model.device)
 
     def _build_cache(self, fmt, codec, shape, plan, attention_backend, fp8_calibration, keep_sink_token):
         kw = dict(num_blocks=plan.num_blocks, **shape, dtype=self.model.dtype, device=self.model.device,
