@@ -14,9 +14,11 @@ Where the engine has a constructor seam for the part (kvlab/engine/protocols.py)
 that argument's object or factory and the student's part enters at construction:
 `make_llm(scheduler=step_scheduler(schedule_step))` (chapter 07), `make_llm(engine_core=
 step_loop(engine_step))` (chapter 11), `make_llm(attention_backend=BackendParts(...))` (chapter
-10, exercise 5). The others install a part into an idle `LLM` after construction
-(`install_cache`, `install_allocator`, `install_prefix_cache`); the exercises' signatures do not
-depend on which.
+10), `make_llm(prefix_cache=plugged_block_manager(...))` (chapter 08) and
+`make_llm(prefix_cache=allocator_block_manager(...))` (chapter 06, exercise 1). The caches of
+chapters 06 (exercise 4) and 09, whose student function writes and attends in one call, are
+installed into an idle `LLM` after construction (`install_cache`); the exercises' signatures do
+not depend on which.
 """
 from __future__ import annotations
 
@@ -53,7 +55,9 @@ def make_llm(**kwargs):
 
     kwargs.setdefault("max_model_len", 256)
     kwargs.setdefault("max_num_seqs", 8)
-    if "num_kv_blocks" not in kwargs and "kv_cache_memory_bytes" not in kwargs:
+    sized = ("num_kv_blocks" in kwargs or "kv_cache_memory_bytes" in kwargs
+             or not isinstance(kwargs.get("prefix_cache") or "", str))   # a block allocator object is
+    if not sized:
         kwargs["num_kv_blocks"] = 64
     return LLM(model=course_model(), **kwargs)
 
@@ -114,6 +118,12 @@ def install_cache(llm, cache) -> None:
     llm.runner.cache = cache
 
 
+def split_packed(x: torch.Tensor, query_start_loc: torch.Tensor) -> list[torch.Tensor]:
+    """Rows of a packed tensor per sequence (a convenience for plugged functions)."""
+    qsl = query_start_loc.tolist()
+    return [x[qsl[s]:qsl[s + 1]] for s in range(len(qsl) - 1)]
+
+
 # ---- the attention backend seam (a constructor argument: no installer) --------------------------
 class BackendParts:
     """An attention backend object (`kvlab.engine.protocols.AttentionBackend`) made of the functions
@@ -159,28 +169,17 @@ class AllocatorFreeQueue:
         raise RuntimeError("a plain allocator cannot hand out a particular block (prefix caching is off)")
 
 
-def install_allocator(llm, allocator) -> None:
-    """Let `llm`'s block manager take and return blocks through `allocator` (prefix caching off)."""
-    bm = llm.block_manager
-    if bm.enable_prefix_caching:
-        raise ValueError("install_allocator needs LLM(enable_prefix_caching=False)")
-    bm.free_queue = AllocatorFreeQueue(allocator, bm.num_blocks)
+def allocator_block_manager(allocator, num_blocks: int, block_size: int):
+    """A `BlockManager` without prefix caching that takes and returns its blocks through a
+    student's `allocator`: the object for `make_llm(prefix_cache=...)` (the block allocator seam)."""
+    from kvlab.engine.block_manager import BlockManager
+
+    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
+    bm.free_queue = AllocatorFreeQueue(allocator, num_blocks)
+    return bm
 
 
 # ---- the scheduler seam (a constructor argument: LLM(scheduler=...)) ---------------------------
-def install_block_manager(llm, block_manager) -> None:
-    """Make `block_manager` the one `llm`'s scheduler uses (an idle engine only)."""
-    if llm.has_unfinished_requests():
-        raise ValueError("install_block_manager needs an idle engine")
-    llm.block_manager = block_manager
-
-
-def split_packed(x: torch.Tensor, query_start_loc: torch.Tensor) -> list[torch.Tensor]:
-    """Rows of a packed tensor per sequence (a convenience for plugged functions)."""
-    qsl = query_start_loc.tolist()
-    return [x[qsl[s]:qsl[s + 1]] for s in range(len(qsl) - 1)]
-
-
 class StepScheduler(Scheduler):
     """The engine's scheduler with its step decided by a student's `schedule_step`.
 
@@ -268,12 +267,12 @@ class QueueAdapter:
 
 
 def plugged_block_manager(num_blocks: int, block_size: int, chain_hashes=None, cached_prefix=None,
-                          free_queue=None, on_discard=None):
+                          free_queue=None):
     """A prefix-caching `BlockManager` whose block names, prefix lookup and free queue are a
-    student's: `chain_hashes(token_ids, block_size, salt)` names the full blocks,
-    `cached_prefix(block_manager, seq) -> [Block]` finds a sequence's cached blocks (as
-    `BlockManager._cached_prefix`), `free_queue(block_ids)` builds the LRU queue. Any left None
-    stays the engine's."""
+    student's, the object for `make_llm(prefix_cache=...)` (the block allocator seam):
+    `chain_hashes(token_ids, block_size, salt)` names the full blocks, `cached_prefix(block_manager,
+    seq) -> [Block]` finds a sequence's cached blocks (as `BlockManager._cached_prefix`),
+    `free_queue(block_ids)` builds the LRU queue. Any left None stays the engine's."""
     from kvlab.engine.block_manager import BlockManager
     from kvlab.engine.prefix_hash import extra_keys_for
 
@@ -291,23 +290,10 @@ def plugged_block_manager(num_blocks: int, block_size: int, chain_hashes=None, c
                     return []
                 return list(cached_prefix(self, seq))
 
-    extra = {} if on_discard is None else {"on_discard": on_discard}
-    bm = PluggedBlockManager(num_blocks, block_size, enable_prefix_caching=True, **extra)
+    bm = PluggedBlockManager(num_blocks, block_size, enable_prefix_caching=True)
     if free_queue is not None:
         bm.free_queue = QueueAdapter(free_queue(range(num_blocks)))
     return bm
-
-
-def install_prefix_cache(llm, chain_hashes=None, cached_prefix=None, free_queue=None) -> None:
-    """Give an idle `llm` (prefix caching on) a block manager built from a student's parts."""
-    old = llm.block_manager
-    if not old.enable_prefix_caching:
-        raise ValueError("install_prefix_cache needs LLM(enable_prefix_caching=True)")
-    new = plugged_block_manager(old.num_blocks, old.block_size, chain_hashes, cached_prefix, free_queue,
-                                getattr(old, "on_discard", None))
-    if getattr(old, "max_cached_first_blocks", None) is not None:
-        new.max_cached_first_blocks = old.max_cached_first_blocks
-    install_block_manager(llm, new)
 
 
 def cached_tokens_per_request(llm, prompts, max_tokens: int = 2) -> list[int]:
