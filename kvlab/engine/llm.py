@@ -205,7 +205,7 @@ class LLM:
 
     @scheduler.setter
     def scheduler(self, value) -> None:
-        """Swap the scheduler of an idle engine (kvlab.course.plugins installs a student's)."""
+        """Swap the scheduler of an idle engine (a scheduler of one's own: `LLM(scheduler=factory)`)."""
         self.engine.scheduler = value
 
     @property
