@@ -346,3 +346,37 @@ def test_an_engine_core_factory_runs_the_step_loop(model64, reference):
         LLM(model64, engine_core="mine", **kw)
     with pytest.raises(ValueError, match="engine_core: an engine core needs abort, step, .*requests"):
         LLM(model64, engine_core=lambda scheduler, **options: scheduler, **kw)
+
+
+def test_course_adapters_enter_through_the_scheduler_and_engine_core_seams(model64):
+    """kvlab.course.plugins.step_loop (chapter 11) and step_scheduler (chapter 07) are factories
+    for the seams: a step loop written on EngineParts serves chunked prefill with preemption, and
+    a schedule_step adapter refuses the options it does not do."""
+    from kvlab.course.fixtures import reference_prepare
+    from kvlab.course.plugins import StepLoopCore, step_loop, step_scheduler
+
+    def engine_step(parts):
+        chunks = parts.schedule()
+        if not chunks:
+            return []
+        logits = parts.forward(reference_prepare(chunks, parts.block_size))
+        done = [i for i, c in enumerate(chunks) if c.end == len(c.seq)]
+        seqs = [chunks[i].seq for i in done]
+        out = []
+        for seq, tok in zip(seqs, parts.sample(logits[done], seqs) if done else []):
+            seq.append_token(tok)
+            reason = parts.stop_reason(seq)
+            if reason is not None:
+                parts.finish(seq, reason)
+            out.append((seq, tok))
+        return out
+
+    prompts = _prompts([7, 18, 3, 11], seed=10)
+    kw = dict(block_size=4, num_kv_blocks=12, max_model_len=64, enable_chunked_prefill=True,
+              max_num_batched_tokens=8, max_num_seqs=4)
+    llm = LLM(model64, engine_core=step_loop(engine_step), **kw)
+    assert isinstance(llm.engine, StepLoopCore)
+    assert _run(llm, prompts, 8) == _run(LLM(model64, **kw), prompts, 8)
+    assert llm.get_metrics()["num_preemptions"] > 0 and llm.block_manager.num_free_blocks == 12
+    with pytest.raises(ValueError, match="enable_chunked_prefill"):
+        LLM(model64, scheduler=step_scheduler(lambda *a: ([], [], [])), **kw)
