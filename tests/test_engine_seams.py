@@ -1,6 +1,9 @@
-"""The engine's seams (kvlab/engine/protocols.py): each takes a name or an object that follows a
-documented protocol, with no kvlab base class. A plugged-in part must serve the real engine and
-give the reference's greedy tokens; the radix cache must give the block-hash cache's tokens."""
+"""The engine's seams (kvlab/engine/protocols.py): each takes a name, an object or (scheduler,
+engine core) a factory that follows a documented protocol, with no kvlab base class. A plugged-in
+part must serve the real engine and give the reference's greedy tokens; the radix cache must give
+the block-hash cache's tokens."""
+from collections import deque
+
 import pytest
 import torch
 from helpers import GREEDY
@@ -9,7 +12,12 @@ from helpers import random_prompts as _prompts
 from kvlab import LLM, SamplingParams
 from kvlab.cache.base import causal_attention
 from kvlab.cache.codec import Int8PerToken
+from kvlab.engine.core import EngineCore, StepOutput
+from kvlab.engine.metrics import EngineMetrics
 from kvlab.engine.radix_cache import RadixCache
+from kvlab.engine.sampling import sample
+from kvlab.engine.scheduler import Schedule, ScheduledChunk, Scheduler
+from kvlab.engine.sequence import SequenceStatus
 
 
 # ---- the smallest objects that satisfy each protocol (docs/architecture.md shows them) ----------
@@ -95,6 +103,97 @@ class LoopBackend:
     def paged_decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, scale):
         qsl = torch.arange(q.shape[0] + 1)
         return self.paged_prefill_attention(q, k_cache, v_cache, block_tables, qsl, context_lens, scale)
+
+
+class OneAtATime:
+    """A SchedulerLike: one request at a time, its whole prompt then its decodes (no batching, so
+    no preemption: the LLM refuses a request that alone does not fit the pool)."""
+
+    def __init__(self, block_manager, **options):
+        self.block_manager, self.waiting, self.running, self.num_preemptions = block_manager, deque(), [], 0
+
+    def add(self, seq):
+        self.waiting.append(seq)
+
+    def has_unfinished(self):
+        return bool(self.waiting or self.running)
+
+    def schedule(self):
+        bm = self.block_manager
+        if not self.running and self.waiting:
+            seq = self.waiting.popleft()
+            bm.allocate(seq, len(seq))                     # sets seq.num_cached_tokens (hits)
+            seq.num_computed_tokens = seq.num_cached_tokens
+            self.running.append(seq)
+        items = []
+        for seq in self.running:
+            bm.may_append(seq, len(seq))
+            bm.register_computed(seq, len(seq))
+            items.append(ScheduledChunk(seq, seq.num_computed_tokens, len(seq) - seq.num_computed_tokens))
+            seq.num_computed_tokens = len(seq)             # planning the step is advancing it
+        return Schedule(items, bm.take_events())
+
+    def rollback(self, schedule):
+        for item in schedule.items:
+            self.block_manager.register_computed(item.seq, item.start)
+            self.block_manager.deallocate(item.seq)
+            item.seq.num_computed_tokens = 0
+            self.running.remove(item.seq)
+            self.waiting.appendleft(item.seq)
+
+    def finish(self, seq, reason):
+        if seq in self.running:
+            self.block_manager.deallocate(seq)
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+
+    def take_events(self):
+        return self.block_manager.take_events()
+
+
+class PlainCore:
+    """An EngineCoreLike: schedule, run, sample, append, stop at EOS or max_tokens, finish (no
+    seeds, stop strings or latency metrics)."""
+
+    def __init__(self, scheduler, runner, max_model_len, eos_token_id, **options):
+        self.scheduler, self.runner, self.eos_token_id = scheduler, runner, eos_token_id
+        self.max_model_len, self.metrics, self.requests, self.aborted = max_model_len, EngineMetrics(), {}, []
+
+    def add(self, seq):
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id):
+        seq = self.requests.get(request_id)
+        if seq is not None:
+            self._finish(seq, "abort")
+            self.aborted.append(seq)
+
+    def has_unfinished(self):
+        return self.scheduler.has_unfinished() or bool(self.aborted)
+
+    def step(self):
+        outputs, self.aborted = [StepOutput(seq, []) for seq in self.aborted], []
+        schedule = self.scheduler.schedule()
+        logits = self.runner.run(schedule)                 # an empty schedule only frees blocks
+        seqs = [item.seq for item in schedule.items if item.samples]
+        tokens = sample(logits, [s.sampling_params for s in seqs], [None] * len(seqs)) if seqs else []
+        for seq, token in zip(seqs, tokens):
+            seq.append_token(token)
+            p = seq.sampling_params
+            if token == self.eos_token_id and not p.ignore_eos:
+                self._finish(seq, "stop")
+            elif seq.num_completion_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+                self._finish(seq, "length")
+            outputs.append(StepOutput(seq, [token]))
+        self.runner.release(self.scheduler.take_events())
+        return outputs
+
+    def _finish(self, seq, reason):
+        self.scheduler.finish(seq, reason)
+        del self.requests[seq.request_id]
 
 
 def _run(llm, prompts, n=6):
@@ -209,3 +308,75 @@ def test_reset_prefix_cache_refuses_while_requests_hold_blocks(model64):
     while llm.has_unfinished_requests():
         llm.step()
     assert llm.reset_prefix_cache() is True and len(llm.block_manager.cached) == 0
+
+
+def test_a_scheduler_factory_serves_the_engine(model64, reference):
+    prompts = _prompts([5, 13, 9, 22], seed=8, shared=8)
+    kw = dict(block_size=4, num_kv_blocks=16, max_model_len=64)
+    llm = LLM(model64, scheduler=OneAtATime, **kw)
+    toks, cached = _run(llm, prompts, 8)
+    assert toks == [reference(p, 8) for p in prompts]
+    assert cached[0] == 0 and all(c == 8 for c in cached[1:])        # the allocator's prefix hits
+    assert isinstance(llm.scheduler, OneAtATime) and llm.block_manager.num_free_blocks == 16
+    explicit, default = LLM(model64, scheduler=Scheduler, **kw), LLM(model64, **kw)
+    assert type(explicit.scheduler) is Scheduler
+    assert _run(explicit, prompts, 8) == _run(default, prompts, 8)
+    with pytest.raises(ValueError, match="scheduler must be a class or a callable"):
+        LLM(model64, scheduler=OneAtATime(None), **kw)
+    with pytest.raises(ValueError, match="scheduler: a scheduler needs add, schedule, rollback, .*num_preemptions"):
+        LLM(model64, scheduler=lambda block_manager, **options: deque(), **kw)
+
+
+def test_an_engine_core_factory_runs_the_step_loop(model64, reference):
+    prompts = _prompts([7, 18, 3], seed=9)
+    kw = dict(block_size=4, num_kv_blocks=12, max_model_len=64)             # small: preemption
+    llm = LLM(model64, engine_core=PlainCore, **kw)
+    toks, _ = _run(llm, prompts, 10)
+    assert toks == [reference(p, 10) for p in prompts]
+    assert llm.get_metrics()["num_preemptions"] > 0 and llm.block_manager.num_free_blocks == 12
+    llm.add_request(prompts[0], SamplingParams(max_tokens=4, **GREEDY), request_id="a")
+    llm.step()
+    llm.abort_request("a")
+    (out,) = llm.step()
+    assert out.finished and out.outputs[0].finish_reason == "abort" and not llm.has_unfinished_requests()
+    explicit, default = LLM(model64, engine_core=EngineCore, **kw), LLM(model64, **kw)
+    assert type(explicit.engine) is EngineCore
+    assert _run(explicit, prompts, 10) == _run(default, prompts, 10)
+    with pytest.raises(ValueError, match="engine_core must be a class or a callable"):
+        LLM(model64, engine_core="mine", **kw)
+    with pytest.raises(ValueError, match="engine_core: an engine core needs abort, step, .*requests"):
+        LLM(model64, engine_core=lambda scheduler, **options: scheduler, **kw)
+
+
+def test_course_adapters_enter_through_the_scheduler_and_engine_core_seams(model64):
+    """kvlab.course.plugins.step_loop (chapter 11) and step_scheduler (chapter 07) are factories
+    for the seams: a step loop written on EngineParts serves chunked prefill with preemption, and
+    a schedule_step adapter refuses the options it does not do."""
+    from kvlab.course.fixtures import reference_prepare
+    from kvlab.course.plugins import StepLoopCore, step_loop, step_scheduler
+
+    def engine_step(parts):
+        chunks = parts.schedule()
+        if not chunks:
+            return []
+        logits = parts.forward(reference_prepare(chunks, parts.block_size))
+        done = [i for i, c in enumerate(chunks) if c.end == len(c.seq)]
+        seqs = [chunks[i].seq for i in done]
+        out = []
+        for seq, tok in zip(seqs, parts.sample(logits[done], seqs) if done else []):
+            seq.append_token(tok)
+            reason = parts.stop_reason(seq)
+            if reason is not None:
+                parts.finish(seq, reason)
+            out.append((seq, tok))
+        return out
+
+    prompts = _prompts([7, 18, 3, 11], seed=10)
+    kw = dict(block_size=4, num_kv_blocks=12, max_model_len=64, enable_chunked_prefill=True,
+              max_num_batched_tokens=8, max_num_seqs=4)
+    llm = LLM(model64, engine_core=step_loop(engine_step), **kw)
+    assert isinstance(llm.engine, StepLoopCore)
+    assert _run(llm, prompts, 8) == _run(LLM(model64, **kw), prompts, 8)
+    assert llm.get_metrics()["num_preemptions"] > 0 and llm.block_manager.num_free_blocks == 12
+    with pytest.raises(ValueError, match="enable_chunked_prefill"):
+        LLM(model64, scheduler=step_scheduler(lambda *a: ([], [], [])), **kw)

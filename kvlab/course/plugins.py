@@ -10,20 +10,28 @@ adapters here do the plugging, and nothing else: they hold no logic a student is
     install_cache(llm, PluggedPagedCache.like(llm.cache, attend=student_paged_attend))
     assert greedy_tokens(llm, PROMPTS, 8) == ref
 
-They install a part into an `LLM` instance after construction (`install_cache`,
-`install_scheduler`, `install_block_manager`). When the engine exposes a constructor argument for
-the same part (issue 13's seams), the adapter becomes that argument's object and these installers
-go away; the exercises' signatures do not change. `BackendParts` is the first of those: an
-attention backend object for `make_llm(attention_backend=...)` (chapter 10, exercise 5).
+Where the engine has a constructor seam for the part (kvlab/engine/protocols.py), the adapter is
+that argument's object or factory and the student's part enters at construction:
+`make_llm(scheduler=step_scheduler(schedule_step))` (chapter 07), `make_llm(engine_core=
+step_loop(engine_step))` (chapter 11), `make_llm(attention_backend=BackendParts(...))` (chapter
+10), `make_llm(prefix_cache=plugged_block_manager(...))` (chapter 08) and
+`make_llm(prefix_cache=allocator_block_manager(...))` (chapter 06, exercise 1). The caches of
+chapters 06 (exercise 4) and 09, whose student function writes and attends in one call, are
+installed into an idle `LLM` after construction (`install_cache`); the exercises' signatures do
+not depend on which.
 """
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 
 import torch
 
 from kvlab.cache.paged import PagedKVCache, step_metadata
+from kvlab.engine.core import EngineCore, StepOutput
+from kvlab.engine.scheduler import Schedule, ScheduledChunk, Scheduler
+from kvlab.engine.sequence import SequenceStatus
 
 #: Short prompts of different lengths (token ids are taken from the tokenizer at run time).
 PROMPTS = ("The capital of France is",
@@ -47,7 +55,9 @@ def make_llm(**kwargs):
 
     kwargs.setdefault("max_model_len", 256)
     kwargs.setdefault("max_num_seqs", 8)
-    if "num_kv_blocks" not in kwargs and "kv_cache_memory_bytes" not in kwargs:
+    sized = ("num_kv_blocks" in kwargs or "kv_cache_memory_bytes" in kwargs
+             or not isinstance(kwargs.get("prefix_cache") or "", str))   # a block allocator object is
+    if not sized:
         kwargs["num_kv_blocks"] = 64
     return LLM(model=course_model(), **kwargs)
 
@@ -108,6 +118,12 @@ def install_cache(llm, cache) -> None:
     llm.runner.cache = cache
 
 
+def split_packed(x: torch.Tensor, query_start_loc: torch.Tensor) -> list[torch.Tensor]:
+    """Rows of a packed tensor per sequence (a convenience for plugged functions)."""
+    qsl = query_start_loc.tolist()
+    return [x[qsl[s]:qsl[s + 1]] for s in range(len(qsl) - 1)]
+
+
 # ---- the attention backend seam (a constructor argument: no installer) --------------------------
 class BackendParts:
     """An attention backend object (`kvlab.engine.protocols.AttentionBackend`) made of the functions
@@ -153,102 +169,71 @@ class AllocatorFreeQueue:
         raise RuntimeError("a plain allocator cannot hand out a particular block (prefix caching is off)")
 
 
-def install_allocator(llm, allocator) -> None:
-    """Let `llm`'s block manager take and return blocks through `allocator` (prefix caching off)."""
-    bm = llm.block_manager
-    if bm.enable_prefix_caching:
-        raise ValueError("install_allocator needs LLM(enable_prefix_caching=False)")
-    bm.free_queue = AllocatorFreeQueue(allocator, bm.num_blocks)
+def allocator_block_manager(allocator, num_blocks: int, block_size: int):
+    """A `BlockManager` without prefix caching that takes and returns its blocks through a
+    student's `allocator`: the object for `make_llm(prefix_cache=...)` (the block allocator seam)."""
+    from kvlab.engine.block_manager import BlockManager
+
+    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
+    bm.free_queue = AllocatorFreeQueue(allocator, num_blocks)
+    return bm
 
 
-# ---- the scheduler seam ----------------------------------------------------------------------
-def install_scheduler(llm, scheduler) -> None:
-    """Make `scheduler` (an object with the engine scheduler's interface) drive `llm`."""
-    if llm.has_unfinished_requests():
-        raise ValueError("install_scheduler needs an idle engine")
-    if hasattr(llm, "engine"):                 # the engine core owns the scheduler
-        llm.engine.scheduler = scheduler
-    else:
-        llm.scheduler = scheduler
-
-
-def install_block_manager(llm, block_manager) -> None:
-    """Make `block_manager` the one `llm` and its scheduler use (an idle engine only)."""
-    if llm.has_unfinished_requests():
-        raise ValueError("install_block_manager needs an idle engine")
-    if not hasattr(llm, "engine"):
-        llm.block_manager = block_manager
-    llm.scheduler.block_manager = block_manager
-
-
-def split_packed(x: torch.Tensor, query_start_loc: torch.Tensor) -> list[torch.Tensor]:
-    """Rows of a packed tensor per sequence (a convenience for plugged functions)."""
-    qsl = query_start_loc.tolist()
-    return [x[qsl[s]:qsl[s + 1]] for s in range(len(qsl) - 1)]
-
-
-class StepScheduler:
+# ---- the scheduler seam (a constructor argument: LLM(scheduler=...)) ---------------------------
+class StepScheduler(Scheduler):
     """The engine's scheduler with its step decided by a student's `schedule_step`.
 
     `schedule_step(running, waiting, block_manager, max_num_seqs, max_num_batched_tokens)
     -> (decodes, prefills, preempted)` mirrors `kvlab.engine.scheduler.Scheduler.schedule` without
     chunked prefill: it reorders nothing, calls the block manager (`can_append` / `may_append`,
     `can_allocate` / `allocate`, `deallocate`) and moves sequences between `running` (a list,
-    oldest admission first) and `waiting` (a deque, head first) in place. This adapter keeps the
-    per-sequence counters the engine reads (what the kvlab scheduler sets itself).
+    oldest admission first) and `waiting` (a deque, head first) in place. This adapter turns the
+    three lists into the engine's `Schedule` and keeps the per-sequence counters the engine reads
+    (what the kvlab scheduler sets itself). Options it does not do (chunked prefill, a policy,
+    the row pools of a quantized cache) are refused, not ignored.
     """
 
-    def __new__(cls, block_manager, max_num_seqs, max_num_batched_tokens, schedule_step):
-        from kvlab.engine.scheduler import Scheduler
+    def __init__(self, block_manager, max_num_seqs, max_num_batched_tokens, schedule_step,
+                 scheduling_policy=None, enable_chunked_prefill=False, rows=None):
+        if enable_chunked_prefill or scheduling_policy not in (None, "fcfs"):
+            raise ValueError("scheduler: a schedule_step admits whole prompts in arrival order "
+                             "(no enable_chunked_prefill, no scheduling_policy)")
+        if rows is not None and (rows.residual_rows or rows.sink_rows):
+            raise ValueError("scheduler: a schedule_step does not count a cache's row pools "
+                             "(kv_cache_dtype 'auto', 'int8' or 'fp8', no keep_sink_token)")
+        super().__init__(block_manager, max_num_seqs, max_num_batched_tokens)
+        self.schedule_step = schedule_step
 
-        class _Plugged(Scheduler):
-            def schedule(self):
-                return _plugged_schedule(self, schedule_step)
+    def schedule(self) -> Schedule:
+        before = {s.seq_id for s in self.running}
+        result = self.schedule_step(self.running, self.waiting, self.block_manager, self.max_num_seqs,
+                                    self.max_num_batched_tokens)
+        if not isinstance(result, tuple) or len(result) != 3:
+            raise ValueError(f"schedule_step must return (decodes, prefills, preempted), got {result!r}")
+        decodes, prefills, preempted = (list(x) for x in result)
+        for seq in preempted:
+            seq.num_computed_tokens = seq.num_cached_tokens = 0
+            seq.status = SequenceStatus.WAITING
+            seq.num_preemptions += 1
+            self.num_preemptions += 1
+        items = []
+        for seq in decodes:
+            if seq.seq_id not in before:
+                raise ValueError(f"sequence {seq.seq_id} was decoded but was not running")
+            items.append(ScheduledChunk(seq, len(seq) - 1, 1))
+        for seq in prefills:
+            seq.status = SequenceStatus.RUNNING
+            items.append(ScheduledChunk(seq, seq.num_cached_tokens, len(seq) - seq.num_cached_tokens))
+        for item in items:                     # the step's plan; planning it is advancing it
+            self.block_manager.register_computed(item.seq, item.end)
+            item.seq.num_computed_tokens = item.end
+        return Schedule(items, self.block_manager.take_events(), len(preempted))
 
-        return _Plugged(block_manager, max_num_seqs, max_num_batched_tokens)
 
-    @staticmethod
-    def like(llm, schedule_step):
-        s = llm.scheduler
-        return StepScheduler(s.block_manager, s.max_num_seqs, s.max_num_batched_tokens, schedule_step)
-
-
-def _plugged_schedule(self, schedule_step):
-    from kvlab.engine.sequence import SequenceStatus
-
-    before = {s.seq_id for s in self.running}
-    result = schedule_step(self.running, self.waiting, self.block_manager, self.max_num_seqs,
-                           self.max_num_batched_tokens)
-    if not isinstance(result, tuple) or len(result) != 3:
-        raise ValueError(f"schedule_step must return (decodes, prefills, preempted), got {result!r}")
-    decodes, prefills, preempted = (list(x) for x in result)
-    for seq in preempted:
-        seq.num_computed_tokens = seq.num_cached_tokens = 0
-        seq.status = SequenceStatus.WAITING
-        seq.num_preemptions += 1
-        self.num_preemptions += 1
-    for seq in decodes:
-        if seq.seq_id not in before:
-            raise ValueError(f"sequence {seq.seq_id} was decoded but was not running")
-        seq.num_scheduled_tokens = 1
-    for seq in prefills:
-        seq.num_computed_tokens = seq.num_cached_tokens
-        seq.num_scheduled_tokens = len(seq) - seq.num_cached_tokens
-        seq.status = SequenceStatus.RUNNING
-        if hasattr(self, "prefix_cache_queries"):
-            self.prefix_cache_queries += len(seq)
-            self.prefix_cache_hits += seq.num_cached_tokens
-    try:
-        from kvlab.engine.scheduler import Schedule, ScheduledChunk
-    except ImportError:                        # the engine before its explicit step
-        return decodes + prefills
-    items = []
-    for seq in decodes + prefills:             # the step's plan; planning it is advancing it
-        items.append(ScheduledChunk(seq, seq.num_computed_tokens, seq.num_scheduled_tokens))
-        self.block_manager.register_computed(seq, len(seq))
-        seq.num_computed_tokens = len(seq)
-        seq.num_scheduled_tokens = 0
-    return Schedule(items, self.block_manager.take_events(), len(preempted))
+def step_scheduler(schedule_step):
+    """The factory for `make_llm(scheduler=...)`: the engine's scheduler seam builds a
+    `StepScheduler` around its block allocator, with `schedule_step` deciding every step."""
+    return functools.partial(StepScheduler, schedule_step=schedule_step)
 
 
 # ---- the prefix-cache seam -------------------------------------------------------------------
@@ -282,12 +267,12 @@ class QueueAdapter:
 
 
 def plugged_block_manager(num_blocks: int, block_size: int, chain_hashes=None, cached_prefix=None,
-                          free_queue=None, on_discard=None):
+                          free_queue=None):
     """A prefix-caching `BlockManager` whose block names, prefix lookup and free queue are a
-    student's: `chain_hashes(token_ids, block_size, salt)` names the full blocks,
-    `cached_prefix(block_manager, seq) -> [Block]` finds a sequence's cached blocks (as
-    `BlockManager._cached_prefix`), `free_queue(block_ids)` builds the LRU queue. Any left None
-    stays the engine's."""
+    student's, the object for `make_llm(prefix_cache=...)` (the block allocator seam):
+    `chain_hashes(token_ids, block_size, salt)` names the full blocks, `cached_prefix(block_manager,
+    seq) -> [Block]` finds a sequence's cached blocks (as `BlockManager._cached_prefix`),
+    `free_queue(block_ids)` builds the LRU queue. Any left None stays the engine's."""
     from kvlab.engine.block_manager import BlockManager
     from kvlab.engine.prefix_hash import extra_keys_for
 
@@ -305,23 +290,10 @@ def plugged_block_manager(num_blocks: int, block_size: int, chain_hashes=None, c
                     return []
                 return list(cached_prefix(self, seq))
 
-    extra = {} if on_discard is None else {"on_discard": on_discard}
-    bm = PluggedBlockManager(num_blocks, block_size, enable_prefix_caching=True, **extra)
+    bm = PluggedBlockManager(num_blocks, block_size, enable_prefix_caching=True)
     if free_queue is not None:
         bm.free_queue = QueueAdapter(free_queue(range(num_blocks)))
     return bm
-
-
-def install_prefix_cache(llm, chain_hashes=None, cached_prefix=None, free_queue=None) -> None:
-    """Give an idle `llm` (prefix caching on) a block manager built from a student's parts."""
-    old = llm.block_manager
-    if not old.enable_prefix_caching:
-        raise ValueError("install_prefix_cache needs LLM(enable_prefix_caching=True)")
-    new = plugged_block_manager(old.num_blocks, old.block_size, chain_hashes, cached_prefix, free_queue,
-                                getattr(old, "on_discard", None))
-    if getattr(old, "max_cached_first_blocks", None) is not None:
-        new.max_cached_first_blocks = old.max_cached_first_blocks
-    install_block_manager(llm, new)
 
 
 def cached_tokens_per_request(llm, prompts, max_tokens: int = 2) -> list[int]:
@@ -419,7 +391,7 @@ def to_metadata(prepared: dict, device="cpu"):
 
 
 class EngineParts:
-    """What one engine step needs from an `LLM`, for a student's `engine_step(parts)`:
+    """What one engine step needs from the engine core, for a student's `engine_step(parts)`:
 
     - `parts.schedule()` -> the step's `Chunk`s (`seq`, `start`, `num_tokens`, `end`): which
       sequences compute which positions (the scheduler has recorded that progress already);
@@ -431,98 +403,77 @@ class EngineParts:
     - `parts.finish(seq, reason)` frees the sequence's blocks and records it as finished.
     """
 
-    def __init__(self, llm):
-        self.llm = llm
-        self.core = getattr(llm, "engine", None)      # the engine core (explicit-step engine)
-        self.block_size = llm.block_size
-        self._freed: list[int] = []
-
-    @property
-    def scheduler(self):
-        return self.llm.scheduler
+    def __init__(self, core):
+        self.core = core
+        self.block_size = core.runner.block_size
+        self._schedule = Schedule()
 
     def schedule(self) -> list[Chunk]:
-        planned = self.scheduler.schedule()
-        if self.core is not None:
-            self._freed = list(planned.freed_blocks)
-            if not planned.items:
-                self.llm.runner.release(self._freed)
-            return [Chunk(it.seq, it.start, it.num_tokens) for it in planned.items]
-        chunks = []
-        for seq in planned:
-            start = seq.num_computed_tokens
-            n = seq.num_scheduled_tokens or len(seq) - start
-            seq.num_computed_tokens, seq.num_scheduled_tokens = start + n, 0
-            chunks.append(Chunk(seq, start, n))
-        return chunks
+        core = self.core
+        self._schedule = planned = core.scheduler.schedule()
+        if not planned.items:
+            core.runner.release(planned.freed_blocks)
+            if core.scheduler.waiting:
+                raise RuntimeError("no request could be scheduled although the engine is idle")
+        return [Chunk(it.seq, it.start, it.num_tokens) for it in planned.items]
 
     def forward(self, prepared):
-        llm = self.llm
-        ids, pos, meta, logit_indices = to_metadata(prepared, llm.model.device)
-        cache = llm.runner.cache
-        if hasattr(cache, "begin_step"):
-            cache.begin_step(meta, self._freed)
-        else:
-            cache.set_metadata(meta)
-        self._freed = []
+        """The model over the paged cache; if it raises, the scheduler rolls the step back."""
+        runner, planned = self.core.runner, self._schedule
+        ids, pos, meta, logit_indices = to_metadata(prepared, runner.device)
+        runner.cache.begin_step(meta, planned.freed_blocks)
         try:
             with torch.inference_mode():
-                return llm.model(ids, positions=pos, cache=cache, logit_indices=logit_indices)
+                return runner.model(ids, positions=pos, cache=runner.cache, logit_indices=logit_indices)
+        except BaseException:
+            self.core.scheduler.rollback(planned)
+            raise
         finally:
-            if hasattr(cache, "end_step"):
-                cache.end_step()
-            else:
-                cache.metadata = None
+            runner.cache.end_step()
 
     def sample(self, logits, seqs):
         from kvlab.engine.sampling import sample
 
-        gens = (self.core or self.llm)._generators
+        gens = self.core._generators
         return sample(logits, [s.sampling_params for s in seqs], [gens.get(s.seq_id) for s in seqs])
 
     def stop_reason(self, seq):
-        return (self.core or self.llm)._stop_reason(seq)
+        return self.core._stop_reason(seq)
 
     def finish(self, seq, reason):
-        import time
-
         now = time.perf_counter()
         if seq.first_token_time is None and seq.num_completion_tokens:
             seq.first_token_time = now
-        if self.core is not None:
-            self.core._finish(seq, reason, now)
-        else:
-            seq.finish_time = now
-            self.llm._finish(seq, reason)
+        self.core._finish(seq, reason, now)
 
 
-def install_step(llm, engine_step) -> None:
-    """Make `llm.generate` / `llm.step` run `engine_step(parts) -> [(seq, token), ...]` each step."""
-    import time
+class StepLoopCore(EngineCore):
+    """kvlab's engine core (requests, aborts, seeds, stop conditions, metrics) whose `step()` is a
+    student's `engine_step(parts) -> [(seq, token_id), ...]` (`parts`: an `EngineParts`). This
+    adapter only reports the aborted requests, stamps first-token times, counts the generated
+    tokens and hands the blocks the step dropped to the cache, as `EngineCore.step` does around
+    its loop."""
 
-    parts = EngineParts(llm)
+    def __init__(self, scheduler, runner, max_model_len, eos_token_id, tokenizer=None, device="cpu", *,
+                 engine_step):
+        super().__init__(scheduler, runner, max_model_len, eos_token_id, tokenizer, device)
+        self.engine_step = engine_step
 
-    def produced():
-        out = list(engine_step(parts))
+    def step(self) -> list[StepOutput]:
+        outputs = [StepOutput(seq, []) for seq in self._aborted]
+        self._aborted = []
+        produced = list(self.engine_step(EngineParts(self)))
         now = time.perf_counter()
-        for seq, _ in out:
+        for seq, token in produced:
             if seq.first_token_time is None:
                 seq.first_token_time = now
-        llm.metrics.generation_tokens += len(out)
-        return out
-
-    if parts.core is None:
-        llm._step = produced
-        return
-    from kvlab.engine.core import StepOutput
-
-    core = parts.core
-
-    def step():
-        outputs = [StepOutput(seq, []) for seq in core._aborted]
-        core._aborted = []
-        outputs += [StepOutput(seq, [tok]) for seq, tok in produced()]
-        llm.runner.release(core.scheduler.take_events())
+            outputs.append(StepOutput(seq, [token]))
+        self.metrics.generation_tokens += len(produced)
+        self.runner.release(self.scheduler.take_events())
         return outputs
 
-    core.step = step
+
+def step_loop(engine_step):
+    """The factory for `make_llm(engine_core=...)`: the engine's step-loop seam builds a
+    `StepLoopCore` around its scheduler and model runner, with `engine_step` running every step."""
+    return functools.partial(StepLoopCore, engine_step=engine_step)

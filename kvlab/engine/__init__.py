@@ -6,6 +6,7 @@
     model_runner   a Schedule -> one packed forward over the paged cache
     core           EngineCore: schedule, run, sample, stop, finish (the step loop)
     kv_budget      how the KV memory (blocks, residual and sink rows) is split at start-up
-    protocols      the seams a student's object plugs into: policy, block allocator, KV format, backend
+    protocols      the seams a part plugs into: policy, block allocator, KV format, backend, scheduler,
+                   engine core (the last two as factories)
     llm            kvlab.LLM, the vLLM-shaped API
 """

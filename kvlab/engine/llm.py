@@ -11,7 +11,8 @@ produced a token (`new_token_ids`) or was aborted since the last step (finish re
 
 This module is the API only: requests in, RequestOutputs out. The step itself (schedule, run,
 sample, stop, finish) is kvlab/engine/core.py; how the KV memory is split, kv_budget.py; the
-seams (scheduling policy, prefix cache, KV format, attention backend), protocols.py. Every bad
+seams (scheduling policy, prefix cache, KV format, attention backend, scheduler, engine core),
+protocols.py. Every bad
 request is rejected at `add_request` with a ValueError naming the limit; nothing about the
 running requests changes.
 """
@@ -30,7 +31,16 @@ from kvlab.engine.kv_eviction import Evictor, check_combination, eviction_config
 from kvlab.engine.metrics import render_prometheus
 from kvlab.engine.model_runner import ModelRunner
 from kvlab.engine.outputs import CompletionOutput, RequestOutput
-from kvlab.engine.protocols import BLOCK_ALLOCATOR_METHODS, check_protocol
+from kvlab.engine.protocols import (
+    BLOCK_ALLOCATOR_METHODS,
+    ENGINE_CORE_ATTRIBUTES,
+    ENGINE_CORE_METHODS,
+    SCHEDULER_ATTRIBUTES,
+    SCHEDULER_METHODS,
+    build_part,
+    check_factory,
+    check_protocol,
+)
 from kvlab.engine.row_budget import RowBudget
 from kvlab.engine.sampling import SamplingParams
 from kvlab.engine.scheduler import Scheduler
@@ -92,6 +102,12 @@ class LLM:
     `kv_eviction` "window" (default), "streaming" (with `num_sink_tokens`), "h2o" or "snapkv"
     (with `kv_eviction_window`, their recent / observation window; `kv_eviction_keep_top`, a
     function with `kvlab.evict.policy.keep_top_and_recent`'s signature, replaces their selection).
+
+    Two more take a factory (a class or a callable, called with keyword arguments named as the
+    kvlab class's parameters), because the LLM builds what they hold: `scheduler`
+    (kvlab.engine.scheduler.Scheduler by default; built around the block allocator) and
+    `engine_core` (kvlab.engine.core.EngineCore by default; the step loop, built around the
+    scheduler and the model runner). With a KV budget the scheduler factory also gets `evictor=`.
     """
 
     def __init__(self, model=None, block_size: int | None = None, num_kv_blocks: int | None = None,
@@ -103,7 +119,11 @@ class LLM:
                  enable_chunked_prefill: bool = False, keep_sink_token: bool = False,
                  prefix_cache=None, kv_budget_tokens: int | None = None, kv_eviction: str | None = None,
                  num_sink_tokens: int = 4, kv_eviction_window: int | None = None,
-                 kv_eviction_keep_top=None):
+                 kv_eviction_keep_top=None, scheduler=None, engine_core=None):
+        scheduler = Scheduler if scheduler is None else scheduler
+        engine_core = EngineCore if engine_core is None else engine_core
+        check_factory(scheduler, "scheduler", "scheduler")
+        check_factory(engine_core, "engine core", "engine_core")
         codec = None if isinstance(kv_cache_dtype, str) else kv_cache_dtype
         if codec is None:
             check_kv_cache_dtype(kv_cache_dtype)
@@ -209,10 +229,16 @@ class LLM:
                                          max_cached_first_blocks=max_num_seqs if keep_sink_token else None)
         self.prefix_cache = prefix_cache if isinstance(prefix_cache, str) else "custom"
         rows = RowBudget(block_size, plan.residual_rows, plan.sink_rows)
-        scheduler = Scheduler(allocator, max_num_seqs, self.max_num_batched_tokens,
-                              scheduling_policy, enable_chunked_prefill, rows, evictor)
-        self.engine = EngineCore(scheduler, ModelRunner(self.model, self.cache), self.max_model_len,
-                                 eos, self.tokenizer, self.model.device)
+        scheduler = build_part(scheduler, "scheduler", "scheduler", SCHEDULER_METHODS, SCHEDULER_ATTRIBUTES,
+                               block_manager=allocator, max_num_seqs=max_num_seqs,
+                               max_num_batched_tokens=self.max_num_batched_tokens,
+                               scheduling_policy=scheduling_policy,
+                               enable_chunked_prefill=enable_chunked_prefill, rows=rows,
+                               **({} if evictor is None else {"evictor": evictor}))
+        self.engine = build_part(engine_core, "engine core", "engine_core", ENGINE_CORE_METHODS,
+                                 ENGINE_CORE_ATTRIBUTES, scheduler=scheduler,
+                                 runner=ModelRunner(self.model, self.cache), max_model_len=self.max_model_len,
+                                 eos_token_id=eos, tokenizer=self.tokenizer, device=self.model.device)
 
     def _build_cache(self, fmt, codec, shape, plan, attention_backend, fp8_calibration, keep_sink_token):
         kw = dict(num_blocks=plan.num_blocks, **shape, dtype=self.model.dtype, device=self.model.device,
@@ -239,7 +265,7 @@ class LLM:
 
     @scheduler.setter
     def scheduler(self, value) -> None:
-        """Swap the scheduler of an idle engine (kvlab.course.plugins installs a student's)."""
+        """Swap the scheduler of an idle engine (a scheduler of one's own: `LLM(scheduler=factory)`)."""
         self.engine.scheduler = value
 
     @property

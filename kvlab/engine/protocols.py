@@ -1,4 +1,4 @@
-"""The four seams of the engine: what an object must have to be plugged into `kvlab.LLM`.
+"""The seams of the engine: what an object must have to be plugged into `kvlab.LLM`.
 
 Each seam is a constructor argument that takes a name (kvlab's own implementation) or an object
 following the protocol below; nothing needs to inherit from a kvlab class. docs/architecture.md
@@ -7,7 +7,14 @@ following the protocol below; nothing needs to inherit from a kvlab class. docs/
     kvlab.LLM(scheduling_policy="fcfs" | callable,
               prefix_cache="hash" | "radix" | "none" | BlockAllocator object,
               kv_cache_dtype="auto" | "int8" | "fp8" | "int4" | "int2" | KVFormat object,
-              attention_backend="torch" | "cpu" | "triton" | AttentionBackend object)
+              attention_backend="torch" | "cpu" | "triton" | AttentionBackend object,
+              scheduler=kvlab.engine.scheduler.Scheduler | a factory of a SchedulerLike,
+              engine_core=kvlab.engine.core.EngineCore | a factory of an EngineCoreLike)
+
+The last two are parts that hold parts the LLM builds (the scheduler owns the block allocator,
+the engine core the scheduler and the model runner), so they take a factory, not an object: a
+class or any callable, called with keyword arguments named as the kvlab class's parameters
+(`build_part`). Passing the kvlab class itself is the default spelled out.
 
 A sequence, as these objects see it, is a `kvlab.engine.sequence.Sequence`: `seq_id`,
 `token_ids`, `len(seq)`, `cache_salt`, `block_table` (list of block ids, written by the block
@@ -96,15 +103,101 @@ class KVFormat(Protocol):
              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+@runtime_checkable
+class SchedulerLike(Protocol):
+    """Which tokens of which sequences the next step computes (kvlab/engine/scheduler.py).
+
+    Built by `LLM(scheduler=factory)` as `factory(block_manager=, max_num_seqs=,
+    max_num_batched_tokens=, scheduling_policy=, enable_chunked_prefill=, rows=)`: it owns the
+    block allocator the LLM built (`block_manager`, a BlockAllocator) and is its only caller.
+    A factory that does not implement an option (a policy, chunked prefill, `rows`: the cache's
+    row pools, kvlab/engine/row_budget.py) must refuse it with a ValueError rather than ignore it.
+    The engine core is its only caller; the LLM reads the attributes for `get_metrics`.
+    """
+    block_manager: object
+    running: list            # admitted, unfinished sequences (len() is read)
+    waiting: object          # queued sequences (len() and truthiness are read)
+    num_preemptions: int
+
+    def add(self, seq) -> None:
+        """Queue a new request's sequence."""
+
+    def schedule(self):
+        """Plan the next step -> a `kvlab.engine.scheduler.Schedule` (items: ScheduledChunk(seq,
+        start, num_tokens); freed_blocks). Planning is advancing: each item's
+        `seq.num_computed_tokens` is its `end` on return, and its blocks are held."""
+
+    def rollback(self, schedule) -> None:
+        """The step's forward raised: its sequences go back to waiting, holding no blocks."""
+
+    def finish(self, seq, reason: str) -> None:
+        """seq is done (running or waiting): free its blocks, set its status and finish_reason."""
+
+    def take_events(self) -> list[int]:
+        """Block ids whose contents were dropped since the last call (the allocator's)."""
+
+    def has_unfinished(self) -> bool:
+        """Any sequence waiting or running?"""
+
+
+@runtime_checkable
+class EngineCoreLike(Protocol):
+    """One step of the serving loop (kvlab/engine/core.py): schedule, run, sample, append, stop,
+    finish. Built by `LLM(engine_core=factory)` as `factory(scheduler=, runner=, max_model_len=,
+    eos_token_id=, tokenizer=, device=)`; `kvlab.LLM` is its only caller. The LLM reads
+    `requests` (request_id -> unfinished Sequence) to refuse a request id in use, and exposes
+    `scheduler`, `runner`, `metrics` (an EngineMetrics) and `eos_token_id` as its own attributes.
+    """
+    scheduler: object
+    runner: object
+    metrics: object
+    eos_token_id: int | None
+    requests: dict
+
+    def add(self, seq) -> None:
+        """Take a new request's sequence (the LLM has validated it)."""
+
+    def abort(self, request_id: str) -> None:
+        """Finish that request now (unknown ids are ignored); the next step() reports it."""
+
+    def step(self) -> list:
+        """Run one step -> a `kvlab.engine.core.StepOutput(seq, new_token_ids)` per sequence that
+        produced a token or was aborted since the last step."""
+
+    def has_unfinished(self) -> bool:
+        """Anything left to run or to report?"""
+
+
 ATTENTION_FUNCTIONS = ("reshape_and_cache", "paged_decode_attention", "paged_prefill_attention")
+SCHEDULER_METHODS = ("add", "schedule", "rollback", "finish", "take_events", "has_unfinished")
+SCHEDULER_ATTRIBUTES = ("block_manager", "running", "waiting", "num_preemptions")
+ENGINE_CORE_METHODS = ("add", "abort", "step", "has_unfinished")
+ENGINE_CORE_ATTRIBUTES = ("scheduler", "runner", "metrics", "eos_token_id", "requests")
 
 
-def check_protocol(obj, methods, what: str, argument: str) -> None:
-    """ValueError naming the argument and the missing methods, if obj lacks any of them."""
+def check_protocol(obj, methods, what: str, argument: str, attributes=()) -> None:
+    """ValueError naming the argument and the missing methods (and attributes), if obj lacks any."""
     missing = [m for m in methods if not callable(getattr(obj, m, None))]
+    missing += [a for a in attributes if not hasattr(obj, a)]
     if missing:
-        raise ValueError(f"{argument}: a {what} needs {', '.join(missing)}; "
+        article = "an" if what[0] in "aeiou" else "a"
+        raise ValueError(f"{argument}: {article} {what} needs {', '.join(missing)}; "
                          f"{type(obj).__name__} has not (see kvlab/engine/protocols.py)")
+
+
+def check_factory(factory, what: str, argument: str) -> None:
+    """ValueError unless factory is a class or another callable (checked before anything is built)."""
+    if not callable(factory):
+        raise ValueError(f"{argument} must be a class or a callable that builds a {what} "
+                         f"(see kvlab/engine/protocols.py), got {type(factory).__name__}")
+
+
+def build_part(factory, what: str, argument: str, methods, attributes, **kwargs):
+    """factory(**kwargs), checked against its protocol (a ValueError naming the argument)."""
+    check_factory(factory, what, argument)
+    part = factory(**kwargs)
+    check_protocol(part, methods, what, argument, attributes)
+    return part
 
 
 BLOCK_ALLOCATOR_METHODS = ("lookup", "can_allocate", "allocate", "can_append", "may_append",

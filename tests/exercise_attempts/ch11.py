@@ -94,11 +94,25 @@ def prepare_step(chunks, block_size):
     },
     "q2_engine_step": {
         "shortcuts": ['''
-def engine_step(parts):
-    llm = parts.llm
-    if parts.core is not None:
-        return [(o.seq, o.new_token_ids[0]) for o in type(parts.core).step(parts.core) if o.new_token_ids]
-    return type(llm)._step(llm)
+def engine_step(parts):                      # kvlab's own loop, under the plugged core
+    step = type(parts.core).__mro__[1].step
+    return [(o.seq, o.new_token_ids[0]) for o in step(parts.core) if o.new_token_ids]
+''', '''
+def engine_step(parts):                      # kvlab's runner packs the step
+    chunks = parts.schedule()
+    if not chunks:
+        return []
+    schedule = parts._schedule
+    logits = parts.core.runner.run(schedule)
+    seqs = [c.seq for c in chunks if c.end == len(c.seq)]
+    out = []
+    for seq, tok in zip(seqs, parts.sample(logits, seqs)):
+        seq.append_token(tok)
+        reason = parts.stop_reason(seq)
+        if reason is not None:
+            parts.finish(seq, reason)
+        out.append((seq, tok))
+    return out
 '''],
         "wrong": [
             _step(done="True"),                                           # samples mid-prompt chunks too
