@@ -48,15 +48,19 @@ POLICIES = ("window", "streaming", "h2o", "snapkv")
 
 
 def prompts(tok, n: int, length: int) -> list[list[int]]:
+    """n prompts of `length` tokens, each from consecutive windows of the corpus (no window shared)."""
     _, texts = build_corpus.load()
-    out = []
-    for i in range(0, len(texts) - 2, 3):
-        ids = tok.encode(texts[i] + texts[i + 1] + texts[i + 2], add_special_tokens=False)
+    out, i = [], 0
+    while len(out) < n and i < len(texts):
+        ids = []
+        while len(ids) < length and i < len(texts):
+            ids += tok.encode(texts[i], add_special_tokens=False)
+            i += 1
         if len(ids) >= length:
             out.append(ids[:length])
-        if len(out) == n:
-            return out
-    raise SystemExit(f"the corpus has fewer than {n} window triples of {length} tokens")
+    if len(out) < n:
+        raise SystemExit(f"the corpus holds fewer than {n} runs of {length} tokens")
+    return out
 
 
 def run_one(model, tok, backend, ps, a, policy=None, budget=None) -> dict:

@@ -92,6 +92,17 @@ def test_completions_equal_the_engines_greedy_tokens(server, client, reference):
     assert one.choices[0].text == reference.generate(PROMPTS[0], _greedy(5), use_tqdm=False)[0].outputs[0].text
 
 
+def test_kv_budget_flags_reach_the_engine():
+    """`kvlab serve --kv-budget-tokens 64 --kv-eviction streaming --num-sink-tokens 2` builds the
+    LLM with that budget; a bad combination is kvlab.LLM's ValueError (tests/test_evict_engine.py)."""
+    from kvlab.serve.cli import llm_kwargs, parser
+
+    kw = llm_kwargs(parser().parse_args(["--kv-budget-tokens", "64", "--kv-eviction", "streaming",
+                                         "--num-sink-tokens", "2"]))
+    assert (kw["kv_budget_tokens"], kw["kv_eviction"], kw["num_sink_tokens"]) == (64, "streaming", 2)
+    assert llm_kwargs(parser().parse_args([]))["kv_budget_tokens"] is None
+
+
 def test_fast_flag_serves_the_fast_twin_with_its_tokens(real_model):
     """`kvlab serve --fast`: FastLlama (prepacked weights) on the cpu attention backend, the same
     greedy tokens as kvlab.LLM on the reference model; the flags resolve as documented."""

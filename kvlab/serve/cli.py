@@ -48,6 +48,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     e.add_argument("--device", default="cpu")
     e.add_argument("--keep-sink-token", action="store_true")
+    e.add_argument("--kv-budget-tokens", type=int, default=None,
+                   help="KV entries kept per sequence (docs/architecture.md, KV eviction); default: all")
+    e.add_argument("--kv-eviction", default=None, choices=["window", "streaming", "h2o", "snapkv"],
+                   help="which entries a sequence over its budget keeps (default: window)")
+    e.add_argument("--num-sink-tokens", type=int, default=4, help="streaming's first tokens kept")
     s = p.add_argument_group("server")
     s.add_argument("--max-queue-len", type=int, default=256,
                    help="waiting requests beyond which new ones get 503 (overload)")
@@ -65,7 +70,9 @@ def llm_kwargs(args) -> dict:
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 attention_backend=attention_backend(args), kv_cache_dtype=args.kv_cache_dtype,
                 enable_prefix_caching=args.enable_prefix_caching, dtype=DTYPES[args.dtype], device=args.device,
-                enable_chunked_prefill=args.enable_chunked_prefill, keep_sink_token=args.keep_sink_token)
+                enable_chunked_prefill=args.enable_chunked_prefill, keep_sink_token=args.keep_sink_token,
+                kv_budget_tokens=args.kv_budget_tokens, kv_eviction=args.kv_eviction,
+                num_sink_tokens=args.num_sink_tokens)
 
 
 def attention_backend(args) -> str:
