@@ -380,3 +380,53 @@ def test_course_adapters_enter_through_the_scheduler_and_engine_core_seams(model
     assert llm.get_metrics()["num_preemptions"] > 0 and llm.block_manager.num_free_blocks == 12
     with pytest.raises(ValueError, match="enable_chunked_prefill"):
         LLM(model64, scheduler=step_scheduler(lambda *a: ([], [], [])), **kw)
+
+
+class TinyCache:
+    """The smallest paged KV cache: pools, a write and a gather-then-attend per sequence, in plain
+    PyTorch (the `kv_cache` seam builds it with PagedKVCache's keyword arguments)."""
+
+    def __init__(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device,
+                 attention_backend=None):
+        self.num_blocks, self.block_size, self.device = num_blocks, block_size, torch.device(device)
+        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(num_layers)]
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.k + self.v)
+        self.meta = None
+
+    def begin_step(self, metadata, freed_blocks=()):
+        self.meta = metadata
+
+    def end_step(self):
+        self.meta = None
+
+    def advance(self, num_tokens):
+        pass                             # positions come with each step's metadata
+
+    def attend(self, layer, q, k, v):
+        m, bs = self.meta, self.block_size
+        self.k[layer][m.slot_mapping], self.v[layer][m.slot_mapping] = k[0], v[0]
+        out, qsl = [], m.query_start_loc.tolist()
+        for s, n in enumerate(m.context_lens.tolist()):
+            slots = [int(m.block_tables[s, i // bs]) * bs + i % bs for i in range(n)]
+            a, b = qsl[s], qsl[s + 1]
+            out.append(causal_attention(q[:, a:b], self.k[layer][slots][None], self.v[layer][slots][None],
+                                        q_offset=n - (b - a)))
+        return torch.cat(out, 1)
+
+
+def test_a_kv_cache_factory_serves_the_engine(model64, reference):
+    prompts = _prompts([5, 13, 9, 22], seed=8)
+    kw = dict(block_size=4, num_kv_blocks=16, max_model_len=64)
+    llm = LLM(model64, kv_cache=TinyCache, **kw)
+    assert isinstance(llm.cache, TinyCache) and llm.runner.cache is llm.cache
+    assert _run(llm, prompts, 8)[0] == [reference(p, 8) for p in prompts]
+    with pytest.raises(ValueError, match="kv_cache must be a class or a callable"):
+        LLM(model64, kv_cache=TinyCache(1, 1, 1, 1, 1, torch.float32, "cpu"), **kw)
+    with pytest.raises(ValueError, match="a paged KV cache needs attend, advance, begin_step, end_step, block_size"):
+        LLM(model64, kv_cache=lambda **shape: object(), **kw)
+    with pytest.raises(ValueError, match="the engine planned 16 of 4"):
+        LLM(model64, kv_cache=lambda num_blocks, **rest: TinyCache(num_blocks=8, **rest), **kw)
+    with pytest.raises(ValueError, match="kv_cache: a plugged cache does not keep"):
+        LLM(model64, kv_cache=TinyCache, kv_budget_tokens=8, **kw)

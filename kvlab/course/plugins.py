@@ -6,8 +6,7 @@ greedy tokens (or the prefix-cache hits, or the schedule) with the unmodified en
 adapters here do the plugging, and nothing else: they hold no logic a student is asked to write.
 
     ref = greedy_tokens(make_llm(), PROMPTS, 8)
-    llm = make_llm()
-    install_cache(llm, PluggedPagedCache.like(llm.cache, attend=student_paged_attend))
+    llm = make_llm(kv_cache=plugged_cache(student_paged_attend))
     assert greedy_tokens(llm, PROMPTS, 8) == ref
 
 Where the engine has a constructor seam for the part (kvlab/engine/protocols.py), the adapter is
@@ -15,10 +14,10 @@ that argument's object or factory and the student's part enters at construction:
 `make_llm(scheduler=step_scheduler(schedule_step))` (chapter 07), `make_llm(engine_core=
 step_loop(engine_step))` (chapter 11), `make_llm(attention_backend=BackendParts(...))` (chapter
 10), `make_llm(prefix_cache=plugged_block_manager(...))` (chapter 08) and
-`make_llm(prefix_cache=allocator_block_manager(...))` (chapter 06, exercise 1). The caches of
-chapters 06 (exercise 4) and 09, whose student function writes and attends in one call, are
-installed into an idle `LLM` after construction (`install_cache`); the exercises' signatures do
-not depend on which.
+`make_llm(prefix_cache=allocator_block_manager(...))` (chapter 06, exercise 1),
+`make_llm(kv_cache=plugged_cache(...))` (chapter 06, exercise 4: a cache whose `attend` writes and
+attends in one call) and `make_llm(kv_cache=plugged_int8_cache(...))`
+(chapter 09, exercise 3). Every in-engine exercise enters at construction now.
 """
 from __future__ import annotations
 
@@ -93,12 +92,6 @@ class PluggedPagedCache(PagedKVCache):
             raise ValueError("PluggedPagedCache needs attend=<function>")
         self.attend_fn = attend
 
-    @classmethod
-    def like(cls, cache: PagedKVCache, attend) -> PluggedPagedCache:
-        """A fresh cache of the same shape as `cache` (an LLM's), with `attend` plugged in."""
-        return cls(cache.num_layers, cache.num_blocks, cache.block_size, cache.num_kv_heads,
-                   cache.head_dim, dtype=cache.dtype, device=cache.device, attend=attend)
-
     def attend(self, layer, q, k, v):
         m = step_metadata(self, q)
         out = self.attend_fn(q[0], k[0], v[0], self.k_cache[layer], self.v_cache[layer],
@@ -110,12 +103,10 @@ class PluggedPagedCache(PagedKVCache):
         return out.unsqueeze(0)
 
 
-def install_cache(llm, cache) -> None:
-    """Make `cache` the KV cache `llm`'s model runner uses (an empty engine only)."""
-    if llm.has_unfinished_requests():
-        raise ValueError("install_cache needs an idle engine")
-    llm.cache = cache
-    llm.runner.cache = cache
+def plugged_cache(attend):
+    """`kvlab.LLM(kv_cache=plugged_cache(attend))`: the KV-cache seam builds a PluggedPagedCache of
+    the engine's planned shape with the student's `attend`."""
+    return functools.partial(PluggedPagedCache, attend=attend)
 
 
 def split_packed(x: torch.Tensor, query_start_loc: torch.Tensor) -> list[torch.Tensor]:
@@ -322,7 +313,7 @@ class PluggedInt8Cache(PagedKVCache):
     returns attention over the dequantized context."""
 
     def __init__(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype=torch.float32,
-                 device="cpu", attend=None):
+                 device="cpu", attention_backend="torch", attend=None):
         super().__init__(1, 1, 1, 1, 1, dtype=dtype, device=device)     # the float pools are not used
         if attend is None:
             raise ValueError("PluggedInt8Cache needs attend=<function>")
@@ -336,11 +327,6 @@ class PluggedInt8Cache(PagedKVCache):
         self.k_scales = [torch.ones(codes[:3], device=self.device) for _ in range(num_layers)]
         self.v_scales = [torch.ones(codes[:3], device=self.device) for _ in range(num_layers)]
         self.k_cache = self.v_cache = None
-
-    @classmethod
-    def like(cls, cache, attend):
-        return cls(cache.num_layers, cache.num_blocks, cache.block_size, cache.num_kv_heads,
-                   cache.head_dim, dtype=cache.dtype, device=cache.device, attend=attend)
 
     @property
     def nbytes(self) -> int:
@@ -356,6 +342,13 @@ class PluggedInt8Cache(PagedKVCache):
             raise ValueError(f"the plugged attend returned {None if out is None else tuple(out.shape)}, "
                              f"expected {tuple(q[0].shape)}")
         return out.to(q.dtype).unsqueeze(0)
+
+
+def plugged_int8_cache(attend):
+    """`kvlab.LLM(kv_cache=plugged_int8_cache(attend))`: the KV-cache seam builds a PluggedInt8Cache
+    of the engine's planned shape (its blocks, in int8 with float32 scales: smaller than the
+    full-precision pools the plan sized) with the student's `attend`."""
+    return functools.partial(PluggedInt8Cache, attend=attend)
 
 
 # ---- the engine step ---------------------------------------------------------------------------

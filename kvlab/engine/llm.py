@@ -35,6 +35,8 @@ from kvlab.engine.protocols import (
     BLOCK_ALLOCATOR_METHODS,
     ENGINE_CORE_ATTRIBUTES,
     ENGINE_CORE_METHODS,
+    KV_CACHE_ATTRIBUTES,
+    KV_CACHE_METHODS,
     SCHEDULER_ATTRIBUTES,
     SCHEDULER_METHODS,
     build_part,
@@ -119,11 +121,16 @@ class LLM:
                  enable_chunked_prefill: bool = False, keep_sink_token: bool = False,
                  prefix_cache=None, kv_budget_tokens: int | None = None, kv_eviction: str | None = None,
                  num_sink_tokens: int = 4, kv_eviction_window: int | None = None,
-                 kv_eviction_keep_top=None, scheduler=None, engine_core=None):
+                 kv_eviction_keep_top=None, scheduler=None, engine_core=None, kv_cache=None):
         scheduler = Scheduler if scheduler is None else scheduler
         engine_core = EngineCore if engine_core is None else engine_core
         check_factory(scheduler, "scheduler", "scheduler")
         check_factory(engine_core, "engine core", "engine_core")
+        if kv_cache is not None:
+            check_factory(kv_cache, "paged KV cache", "kv_cache")
+            if kv_budget_tokens is not None or keep_sink_token:
+                raise ValueError("kv_cache: a plugged cache does not keep kvlab's per-sequence budget or "
+                                 "sink rows; pass no kv_budget_tokens and keep_sink_token=False")
         codec = None if isinstance(kv_cache_dtype, str) else kv_cache_dtype
         if codec is None:
             check_kv_cache_dtype(kv_cache_dtype)
@@ -212,8 +219,11 @@ class LLM:
         plan = plan_kv_pool(costs, budget, num_kv_blocks)
         self.num_kv_blocks = plan.num_blocks
         self.kv_cache_memory_bytes = plan.total_bytes if budget is None else budget
-        self.cache = self._build_cache(fmt, codec, shape, plan, attention_backend, fp8_calibration,
-                                       keep_sink_token)
+        if kv_cache is None:
+            self.cache = self._build_cache(fmt, codec, shape, plan, attention_backend, fp8_calibration,
+                                           keep_sink_token)
+        else:
+            self.cache = self._plugged_cache(kv_cache, shape, plan, attention_backend)
         evictor = None
         if self.eviction is not None:
             self.cache.compactor = KVCompactor(cfg.num_layers, plan.num_blocks * block_size,
@@ -239,6 +249,21 @@ class LLM:
                                  ENGINE_CORE_ATTRIBUTES, scheduler=scheduler,
                                  runner=ModelRunner(self.model, self.cache), max_model_len=self.max_model_len,
                                  eos_token_id=eos, tokenizer=self.tokenizer, device=self.model.device)
+
+    def _plugged_cache(self, factory, shape, plan, attention_backend):
+        """The `kv_cache` seam: the factory's cache, of the planned size, inside the KV budget."""
+        if self.sliding_windows is not None:
+            raise ValueError("kv_cache: a model with sliding-window layers needs kvlab's paged cache")
+        cache = build_part(factory, "paged KV cache", "kv_cache", KV_CACHE_METHODS, KV_CACHE_ATTRIBUTES,
+                           num_blocks=plan.num_blocks, **shape, dtype=self.model.dtype,
+                           device=self.model.device, attention_backend=attention_backend)
+        if (cache.num_blocks, cache.block_size) != (plan.num_blocks, self.block_size):
+            raise ValueError(f"kv_cache: the cache has {cache.num_blocks} blocks of {cache.block_size}, the "
+                             f"engine planned {plan.num_blocks} of {self.block_size}")
+        if cache.nbytes > self.kv_cache_memory_bytes:
+            raise ValueError(f"kv_cache: the cache holds {cache.nbytes} bytes, over kv_cache_memory_bytes="
+                             f"{self.kv_cache_memory_bytes}")
+        return cache
 
     def _build_cache(self, fmt, codec, shape, plan, attention_backend, fp8_calibration, keep_sink_token):
         kw = dict(num_blocks=plan.num_blocks, **shape, dtype=self.model.dtype, device=self.model.device,

@@ -169,6 +169,30 @@ class EngineCoreLike(Protocol):
 
 
 ATTENTION_FUNCTIONS = ("reshape_and_cache", "paged_decode_attention", "paged_prefill_attention")
+@runtime_checkable
+class KVCacheLike(Protocol):
+    """The whole paged KV cache (`kvlab.LLM(kv_cache=factory)`), built by
+    `factory(num_layers=, num_blocks=, block_size=, num_kv_heads=, head_dim=, dtype=, device=,
+    attention_backend=)` (PagedKVCache's parameters): the model calls `attend(layer, q, k, v)` with
+    the packed step (q [1, N, Hq, D], k and v [1, N, Hkv, D]) and gets [1, N, Hq, D], then
+    `advance(N)` (kvlab/cache/base.py); the runner
+    opens and closes each step. `nbytes` must fit the engine's KV memory budget."""
+    block_size: int
+    num_blocks: int
+    nbytes: int
+    device: torch.device
+
+    def attend(self, layer: int, q, k, v): ...
+
+    def advance(self, num_tokens: int) -> None: ...
+
+    def begin_step(self, metadata, freed_blocks=()) -> None: ...
+
+    def end_step(self) -> None: ...
+
+
+KV_CACHE_METHODS = ("attend", "advance", "begin_step", "end_step")
+KV_CACHE_ATTRIBUTES = ("block_size", "num_blocks", "nbytes", "device")
 SCHEDULER_METHODS = ("add", "schedule", "rollback", "finish", "take_events", "has_unfinished")
 SCHEDULER_ATTRIBUTES = ("block_manager", "running", "waiting", "num_preemptions")
 ENGINE_CORE_METHODS = ("add", "abort", "step", "has_unfinished")
