@@ -25,19 +25,16 @@ computes attention explicitly to read its probabilities, so its speed says nothi
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _results import run_info, write_results
 from _table import markdown_table
 
 import kvlab
-from kvlab.costs.machine import machine_info
 from kvlab.evict import EvictingKVCache, EvictionConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,26 +172,17 @@ def findings(rows) -> str:
 
 
 def write(a, argv, header, secs, rows, table):
-    cmd = "python benchmarks/kv_eviction.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    load = os.getloadavg()
-    info = {"benchmark": "kv_eviction", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": cmd.strip(), "machine": machine_info(), "load_average": load,
-            "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                         text=True, cwd=ROOT).stdout.strip(),
-            "model": "SmolLM2-135M-Instruct (float32)", "corpus": header,
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
-            "wall_seconds": round(secs, 1), "rows": rows}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.with_suffix(".json").write_text(json.dumps(info, indent=1))
-    a.out.with_suffix(".md").write_text(
+    info = run_info("kv_eviction", argv, a, model="SmolLM2-135M-Instruct (float32)", corpus=header,
+                    wall_seconds=round(secs, 1), rows=rows)
+    write_results(a.out, info, (
         f"# KV eviction on SmolLM2-135M: perplexity and greedy agreement\n\n`{info['command']}` on {info['date']} "
-        f"(load average at the end {load[0]:.1f}; accuracy numbers do not depend on load)\n\n"
+        f"(load average at the end {info['load_average'][0]:.1f}; accuracy numbers do not depend on load)\n\n"
         f"Machine: {json.dumps(info['machine'])}\n\nCorpus: {json.dumps(header)}\n\n"
         f"{a.sequences} sequences, prompt {a.prompt_tokens} tokens, perplexity over the next {a.cont_tokens} "
         f"tokens fed one at a time, {a.greedy_tokens} greedy tokens; streaming keeps {a.num_sinks} sinks and counts "
         "positions inside the cache (StreamingLLM); window, h2o and snapkv keep original positions; h2o's recent "
         "window is half the budget, snapkv's observation and decode window 32 tokens, pooling width 7.\n\n"
-        f"{table}\n\n{findings(rows)}\n")
+        f"{table}\n\n{findings(rows)}\n"))
 
 
 def plot(rows, path: Path):

@@ -25,20 +25,17 @@ tests/test_evict_engine.py when it cuts as the engine does).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _results import run_info, write_results
 from _table import markdown_table
 
 import kvlab
-from kvlab.costs.machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "data"))
@@ -170,27 +167,18 @@ def findings(rows) -> str:
 
 
 def write(a, argv, secs, rows, table):
-    cmd = "python benchmarks/kv_eviction_engine.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    load = os.getloadavg()
-    info = {"benchmark": "kv_eviction_engine", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": cmd.strip(), "machine": machine_info(), "load_average": load,
-            "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                         text=True, cwd=ROOT).stdout.strip(),
-            "model": f"SmolLM2-135M-Instruct (float32, {a.variant} path)",
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
-            "wall_seconds": round(secs, 1), "rows": rows}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.with_suffix(".json").write_text(json.dumps(info, indent=1))
-    a.out.with_suffix(".md").write_text(
+    info = run_info("kv_eviction_engine", argv, a, model=f"SmolLM2-135M-Instruct (float32, {a.variant} path)",
+                    wall_seconds=round(secs, 1), rows=rows)
+    write_results(a.out, info, (
         f"# KV eviction in the engine on SmolLM2-135M: decode throughput, memory, agreement\n\n"
-        f"`{info['command']}` on {info['date']} (load average at the end {load[0]:.2f}, "
+        f"`{info['command']}` on {info['date']} (load average at the end {info['load_average'][0]:.2f}, "
         f"{a.threads} threads, {a.rounds} alternating rounds, median shown)\n\n"
         f"Machine: {json.dumps(info['machine'])}\n\n"
         f"{a.sequences} sequences of {a.prompt_tokens} prompt tokens from the course corpus, {a.max_tokens} greedy "
         f"tokens each, run together; block size 16; {a.variant} path; streaming keeps 4 sinks; h2o's recent "
         "window is half the budget, snapkv's 32 tokens. The engine keeps original positions for every policy "
         "(docs/architecture.md, KV eviction).\n\n"
-        f"{table}\n\n{findings(rows)}\n")
+        f"{table}\n\n{findings(rows)}\n"))
 
 
 def plot(rows, path: Path):
