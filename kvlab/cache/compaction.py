@@ -91,6 +91,9 @@ class KVCompactor:
         score.index_fill_(0, new, 0)
         if m.score_rows is None:
             return
+        if m.is_decode:
+            self._observe_decode(cache, layer, score, q, m)
+            return
         bs, H = cache.block_size, cache.num_kv_heads
         qsl, ctx = m.query_start_loc.tolist(), m.context_lens.tolist()
         rows = m.score_rows
@@ -111,3 +114,22 @@ class KVCompactor:
             probs = torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1)
             slots = table_slots(m.block_tables[s, :-(-n // bs)].tolist(), n, bs, q.device)
             score.index_add_(0, slots, probs.sum(dim=(1, 2)).T.to(score.dtype))
+
+    @staticmethod
+    def _observe_decode(cache, layer: int, score, q, m) -> None:
+        """The same for a decode step (one query per sequence), every scored sequence at once."""
+        seqs = m.score_rows.nonzero().flatten()
+        if seqs.numel() == 0:
+            return
+        bs, H = cache.block_size, cache.num_kv_heads
+        tables, n = m.block_tables[seqs].long(), m.context_lens[seqs].long()     # [S, M], [S]
+        S, M = tables.shape
+        keys = cache.context_keys(layer, tables.clamp(min=0).flatten()).view(S, M * bs, H, -1)
+        qs = q[seqs]                                                            # [S, Hq, D]
+        work = torch.promote_types(q.dtype, torch.float32)
+        logits = torch.einsum("shgd,slhd->shgl", qs.view(S, H, -1, qs.shape[-1]).to(work),
+                              keys.to(work)) * cache.scale
+        valid = torch.arange(M * bs, device=q.device).view(1, -1) < n.view(S, 1)   # [S, L]
+        probs = torch.softmax(logits.masked_fill(~valid.view(S, 1, 1, -1), float("-inf")), dim=-1)
+        slots = (tables.unsqueeze(-1) * bs + torch.arange(bs, device=q.device)).view(S, -1)
+        score.index_add_(0, slots[valid], probs.sum(dim=2).permute(0, 2, 1)[valid].to(score.dtype))
