@@ -87,6 +87,9 @@ def main(argv=None):
     p.add_argument("--greedy-tokens", type=int, default=32)
     p.add_argument("--num-sinks", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    p.add_argument("--streaming-original", action="store_true",
+                   help="also run streaming with original positions (the engine's choice), as 'streaming_orig'")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kv_eviction")
     a = p.parse_args(argv)
@@ -108,9 +111,9 @@ def main(argv=None):
         prompt_logits = model(prompt, cache=full, last_only=True)
     print(f"prefill {tuple(prompt.shape)}: {time.perf_counter() - t0:.1f} s", flush=True)
 
-    def run(cfg_):
-        cache = full.fork(cfg_) if cfg_ else _copy_full(full)
-        greedy_cache = full.fork(cfg_) if cfg_ else _copy_full(full)
+    def run(cfg_, rope_positions=None):
+        cache = full.fork(cfg_, rope_positions) if cfg_ else _copy_full(full)
+        greedy_cache = full.fork(cfg_, rope_positions) if cfg_ else _copy_full(full)
         return continue_from(model, cache, prompt_logits, cont, a.greedy_tokens, greedy_cache), cache
 
     (nll_ref, n_ref, greedy_ref), _ = run(None)
@@ -118,11 +121,14 @@ def main(argv=None):
     rows = [dict(policy="full", budget="-", ppl=ppl_ref, ppl_change_pct=0.0, greedy_match=1.0,
                  tokens_before_diff=float(a.greedy_tokens), entries_per_layer=a.prompt_tokens + a.cont_tokens,
                  mib_per_sequence=(a.prompt_tokens + a.cont_tokens) * bytes_per_token / 2**20)]
+    variants = [(p, None) for p in a.policies]
+    if a.streaming_original:
+        variants.append(("streaming_orig", "original"))
     for budget in a.budgets:
-        for policy in POLICIES:
-            c = EvictionConfig(policy, budget, num_sinks=a.num_sinks)
+        for policy, rope in variants:
+            c = EvictionConfig(policy.removesuffix("_orig"), budget, num_sinks=a.num_sinks)
             ts = time.perf_counter()
-            (nll, n, greedy), cache = run(c)
+            (nll, n, greedy), cache = run(c, rope)
             ppl = float(torch.tensor(nll / n).exp())
             match, before = agreement(greedy, greedy_ref)
             rows.append(dict(policy=policy, budget=budget, ppl=ppl, ppl_change_pct=100 * (ppl / ppl_ref - 1),
@@ -154,6 +160,13 @@ def findings(rows) -> str:
     by = {(r["policy"], r["budget"]): r for r in rows}
     budgets = sorted({r["budget"] for r in rows if r["budget"] != "-"})
     lines = ["## What reproduces on a 135M model (written from the rows above)", ""]
+    if ("streaming_orig", budgets[0]) in by:
+        lines.append("- Positions for streaming, inside the cache (StreamingLLM) / original (the engine's): "
+                     "perplexity change " + ", ".join(
+                         f"{b}: {by[('streaming', b)]['ppl_change_pct']:+.1f} / "
+                         f"{by[('streaming_orig', b)]['ppl_change_pct']:+.1f} %" for b in budgets) + ".")
+    if not all((p, b) in by for p in POLICIES for b in budgets):
+        return "\n".join(lines)
     rescued = [b for b in budgets if by[("streaming", b)]["ppl"] < by[("window", b)]["ppl"]]
     lines.append(f"- StreamingLLM (sinks rescue a window): streaming beats the plain window at budgets "
                  f"{rescued or 'none'} of {budgets}; window / streaming perplexity change: " + ", ".join(
@@ -181,8 +194,10 @@ def write(a, argv, header, secs, rows, table):
         f"{a.sequences} sequences, prompt {a.prompt_tokens} tokens, perplexity over the next {a.cont_tokens} "
         f"tokens fed one at a time, {a.greedy_tokens} greedy tokens; streaming keeps {a.num_sinks} sinks and counts "
         "positions inside the cache (StreamingLLM); window, h2o and snapkv keep original positions; h2o's recent "
-        "window is half the budget, snapkv's observation and decode window 32 tokens, pooling width 7.\n\n"
-        f"{table}\n\n{findings(rows)}\n"))
+        "window is half the budget, snapkv's observation and decode window 32 tokens, pooling width 7."
+        + (" streaming_orig is streaming with original positions (what the engine does).\n\n"
+           if a.streaming_original else "\n\n")
+        + f"{table}\n\n{findings(rows)}\n"))
 
 
 def plot(rows, path: Path):
@@ -192,8 +207,10 @@ def plot(rows, path: Path):
 
     with style():
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        for pol in POLICIES:
+        for pol in (*POLICIES, "streaming_orig"):
             rs = [r for r in rows if r["policy"] == pol]
+            if not rs:
+                continue
             axes[0].plot([r["budget"] for r in rs], [r["ppl_change_pct"] for r in rs], marker="o", label=pol)
             axes[1].plot([r["budget"] for r in rs], [r["greedy_match"] for r in rs], marker="o", label=pol)
         for ax in axes:
