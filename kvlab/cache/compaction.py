@@ -29,7 +29,7 @@ from kvlab.evict.policy import pool_scores, select_keep
 def table_slots(table, num_entries: int, block_size: int, device) -> torch.Tensor:
     """The flat slots of entries 0..num_entries-1 of a block table, [num_entries] int64."""
     idx = torch.arange(num_entries, device=device)
-    blocks = torch.as_tensor(list(table), dtype=torch.int64, device=device)
+    blocks = torch.as_tensor(table, dtype=torch.int64, device=device)      # a list or a tensor
     return blocks[idx // block_size] * block_size + idx % block_size
 
 
@@ -38,19 +38,24 @@ def _movable(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
 
 
+def score_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """Scores are summed in float32, or float64 for a float64 model (the twin's equality tests)."""
+    return torch.float64 if model_dtype == torch.float64 else torch.float32
+
+
 class KVCompactor:
     """KVCompactor(num_layers, num_slots, num_kv_heads, model_dtype, device, scores=False)."""
 
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, model_dtype: torch.dtype,
                  device, scores: bool = False):
-        self.score_dtype = torch.float64 if model_dtype == torch.float64 else torch.float32
+        self.score_dtype = score_dtype(model_dtype)
         self.scores = [torch.zeros(num_slots, num_kv_heads, dtype=self.score_dtype, device=device)
                        for _ in range(num_layers)] if scores else None
 
     @staticmethod
     def score_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int,
                               model_dtype: torch.dtype) -> int:
-        return num_layers * block_size * num_kv_heads * (8 if model_dtype == torch.float64 else 4)
+        return num_layers * block_size * num_kv_heads * score_dtype(model_dtype).itemsize
 
     @property
     def nbytes(self) -> int:
@@ -104,6 +109,7 @@ class KVCompactor:
                 continue
             blocks = m.block_tables[s, :-(-n // bs)].long()
             keys = cache.context_keys(layer, blocks)[:n]                    # [n, H, D]
+            slots = table_slots(blocks, n, bs, q.device)
             qs = q[a:b][sel]                                                # [r, Hq, D]
             r, Hq, D = qs.shape
             work = torch.promote_types(q.dtype, torch.float32)
@@ -112,7 +118,6 @@ class KVCompactor:
             q_idx = (n - (b - a) + torch.arange(b - a, device=q.device))[sel]   # cache indices
             hidden = torch.arange(n, device=q.device).view(1, n) > q_idx.view(r, 1)
             probs = torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1)
-            slots = table_slots(m.block_tables[s, :-(-n // bs)].tolist(), n, bs, q.device)
             score.index_add_(0, slots, probs.sum(dim=(1, 2)).T.to(score.dtype))
 
     @staticmethod
