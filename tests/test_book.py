@@ -88,9 +88,11 @@ def test_a_screenshot_of_a_chapter_shows_its_figure(site, browser):
     page = next(site / f"{p.stem}.html" for p in chapters(Path(EXECUTED))
                 if _images_shown(nbformat.read(p, as_version=4)))
     browser.open(page.as_uri())
-    rect = browser.js("""(() => {
+    rect = browser.js("""(async () => {
         const img = [...document.images].find(i => i.src.includes('_images/') && i.naturalWidth > 200);
         img.scrollIntoView();
+        await img.decode();                                  // decoded, not still loading
+        await new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)));   // painted
         const r = img.getBoundingClientRect();
         return {src: img.getAttribute('src'), x: r.left + window.scrollX, y: r.top + window.scrollY,
                 width: r.width, height: r.height};
