@@ -14,6 +14,7 @@ from helpers import random_llama, random_paged
 import kvlab
 from kvlab import SamplingParams
 from kvlab.attention import backend_module, paged_cpu, paged_torch
+from kvlab.kernels import cpu as cpu_kernels
 
 TOL = 1e-10
 
@@ -27,8 +28,20 @@ def _pools(ctx, block_size, Hkv, D, dtype, gen):
 
 @pytest.fixture
 def half_includes_float64(monkeypatch):
-    """Send float64 through the grouped-rows decode, the path bfloat16/float16 take."""
+    """Send float64 through the grouped-rows decode, the path bfloat16/float16 take without the
+    in-place kernel (which is switched off here; tests/test_attention_cpu_kernel.py tests it)."""
     monkeypatch.setattr(paged_cpu, "HALF", (*paged_cpu.HALF, torch.float64))
+    monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+
+
+@pytest.fixture(params=["in_place", "gather"])
+def kernel(request, monkeypatch):
+    """Both ways the backend serves decode rows: the C++ kernel (where it builds) and the gathers."""
+    if request.param == "gather":
+        monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+    elif not cpu_kernels.available():
+        pytest.skip(f"no CPU kernel: {cpu_kernels.why_unavailable()}")
+    return request.param
 
 
 def test_the_backend_is_registered():
@@ -52,7 +65,7 @@ def test_decode_equals_the_reference_float64(half_includes_float64, block_size, 
 
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 @pytest.mark.parametrize("Hq,Hkv", [(4, 4), (9, 3), (6, 1)])
-def test_prefill_equals_the_reference_float64(block_size, Hq, Hkv):
+def test_prefill_equals_the_reference_float64(kernel, block_size, Hq, Hkv):
     """Whole prompts, one token, chunks over a cached prefix, exact blocks, an empty row range."""
     gen = torch.Generator().manual_seed(block_size + 7 * Hq)
     D = 8
@@ -76,7 +89,7 @@ def _error_vs_float64(fn, args, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_no_worse_than_the_reference(dtype):
+def test_half_precision_no_worse_than_the_reference(kernel, dtype):
     gen = torch.Generator().manual_seed(11)
     Hq, Hkv, D, BS = 9, 3, 64, 16
     ctx = [40, 3, 129, 64]
@@ -123,7 +136,7 @@ ENGINE_KW = dict(enable_chunked_prefill=True, max_num_batched_tokens=16, max_num
                  enable_prefix_caching=True)
 
 
-def test_engine_tokens_equal_the_torch_backend_float32():
+def test_engine_tokens_equal_the_torch_backend_float32(kernel):
     g = torch.Generator().manual_seed(12)
     shared = torch.randint(0, 96, (12,), generator=g).tolist()
     prompts = [shared + torch.randint(0, 96, (int(L),), generator=g).tolist() for L in (3, 17, 9, 30, 1)]
@@ -140,7 +153,7 @@ def _common_prefix(a, b):
     return k
 
 
-def test_engine_bfloat16_as_close_to_float32_as_the_torch_backend(real_model):
+def test_engine_bfloat16_as_close_to_float32_as_the_torch_backend(kernel, real_model):
     """bfloat16 on the course model. Two bfloat16 backends sum in different orders, so greedy
     paths part at near-ties (measured: after 9 of 32 tokens on one prompt); what must hold is that
     the CPU backend follows the float32 reference as far as the reference backend does in

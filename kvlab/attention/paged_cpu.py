@@ -24,8 +24,11 @@ prefix for chunks) is the same for the G rows of one query. Query head h reads K
 the convention of `repeat_kv` and of `enable_gqa`. Float32/float64 decode is left to the reference
 (its fused GQA path is fast there); `HALF` lists the dtypes decoded as grouped rows.
 
-K/V are still gathered from the block table into contiguous copies per step (as the reference
-does); a kernel that reads the blocks in place is kvlab/kernels/ (Triton). Tested equal to the
+Decode, and the single-token rows of a prefill step, read K/V in place from the block pool with
+the C++ kernel of kvlab/kernels/cpu/ (compiled on first use; no gathered copy per layer) when the
+cache holds the query's dtype; without a C++ compiler, or for a cache in another dtype, they take
+the gather paths below, as does everything else: K/V gathered from the block table into
+contiguous copies per step (as the reference does). Tested equal to the
 reference on random inputs, float64 through the grouped path, and token-equal in the engine
 (tests/test_attention_cpu.py). Sliding-window layers (`sliding_window=W`, as in paged_torch): decode
 reads only the window's blocks (`paged_torch.window_context`), prefill masks grouped rows with the
@@ -38,12 +41,27 @@ import torch.nn.functional as F
 
 from kvlab.attention import paged_torch
 from kvlab.attention.paged_torch import gather_blocks, reshape_and_cache, sequence_contexts, window_context
+from kvlab.kernels import cpu as cpu_kernels
 
 __all__ = ["reshape_and_cache", "paged_decode_attention", "paged_prefill_attention", "grouped_attention",
-           "HALF"]
+           "HALF", "in_place_kernel"]
 
 # dtypes whose decode runs as grouped rows (the fused kernel's GQA broadcast is slow in them)
 HALF = (torch.bfloat16, torch.float16)
+
+
+def in_place_kernel(q: torch.Tensor, k_cache: torch.Tensor):
+    """The compiled in-place kernel when it serves these tensors (CPU, the cache in q's dtype,
+    contiguous pools), else None (the gather paths)."""
+    if q.device.type != "cpu" or k_cache.dtype != q.dtype or not k_cache.is_contiguous():
+        return None
+    return cpu_kernels.load()
+
+
+def _in_place(kernel, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, sliding_window):
+    i32 = torch.int32
+    return kernel.paged_attention(q, k_cache, v_cache, block_tables.to(i32), query_start_loc.to(i32),
+                                  context_lens.to(i32), float(scale), int(sliding_window or 0))
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -61,6 +79,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, context_lens: torch.Tensor,
                            scale: float, *, sliding_window: int | None = None) -> torch.Tensor:
     """As paged_torch.paged_decode_attention: q [S, Hq, D] over each sequence's context."""
+    kernel = in_place_kernel(q, k_cache)
+    if kernel is not None:
+        qsl = torch.arange(q.shape[0] + 1, dtype=torch.int32)
+        return _in_place(kernel, q, k_cache, v_cache, block_tables, qsl, context_lens, scale, sliding_window)
     if q.dtype not in HALF:
         return paged_torch.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
                                                   sliding_window=sliding_window)
@@ -117,8 +139,18 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     N, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     out = torch.empty_like(q)
+    kernel = in_place_kernel(q, k_cache)
+    if kernel is not None:               # single-token rows (decodes in a prefill step): in place
+        qsl = query_start_loc.tolist()
+        single = [s for s in range(len(qsl) - 1) if qsl[s + 1] - qsl[s] == 1]
+        if single:
+            rows = torch.tensor([qsl[s] for s in single], dtype=torch.int64)
+            idx = torch.tensor(single, dtype=torch.int64)
+            out[rows] = _in_place(kernel, q[rows], k_cache, v_cache, block_tables[idx],
+                                  torch.arange(len(single) + 1, dtype=torch.int32), context_lens[idx],
+                                  scale, sliding_window)
     for start, end, k, v in sequence_contexts(q, k_cache, v_cache, block_tables, query_start_loc,
-                                              context_lens, sliding_window):
+                                              context_lens, sliding_window, min_q_len=1 if kernel is None else 2):
         q_len, L = end - start, k.shape[0]
         if sliding_window is not None and L > sliding_window:   # the band: grouped rows
             out[start:end] = _prefix_rows(q[start:end], k, v, scale, sliding_window)

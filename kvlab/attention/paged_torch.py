@@ -108,10 +108,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 def sequence_contexts(q, k_cache, v_cache, block_tables, query_start_loc, context_lens,
-                      sliding_window: int | None = None):
+                      sliding_window: int | None = None, min_q_len: int = 1):
     """For each sequence of a packed prefill batch with queries: (start, end, k, v), its rows
     q[start:end] and its whole context's K and V [context_len, Hkv, D] in q's dtype, gathered from
-    its blocks (the prefill entry points of every CPU backend walk the batch this way).
+    its blocks (the prefill entry points of every CPU backend walk the batch this way). Sequences
+    with fewer than `min_q_len` query rows are skipped (a backend that computed them otherwise).
 
     With `sliding_window` W, k and v start at the first index its earliest query sees
     (context_len - q_len - W + 1, or 0) and only the blocks from there on are read: the queries are
@@ -120,7 +121,7 @@ def sequence_contexts(q, k_cache, v_cache, block_tables, query_start_loc, contex
     qsl, ctx = query_start_loc.tolist(), context_lens.tolist()
     for s in range(len(ctx)):
         start, end, L = qsl[s], qsl[s + 1], ctx[s]
-        if end == start:
+        if end - start < max(min_q_len, 1):
             continue
         lo = 0 if sliding_window is None else max(0, L - (end - start) - sliding_window + 1)
         b0 = lo // BS
