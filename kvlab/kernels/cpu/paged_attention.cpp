@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -36,6 +37,19 @@ inline float widen<float, c10::BFloat16>(c10::BFloat16 x) {
   return f;
 }
 
+// A row of the cache in the arithmetic type: the row itself when it already is, else widened once
+// into buf (each K and V row serves the G query rows of its head).
+template <typename scalar_t, typename acc_t>
+inline const acc_t* widened(const scalar_t* x, acc_t* buf, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return x;
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) buf[j] = widen<acc_t>(x[j]);
+    return buf;
+  }
+}
+
 // kD > 0: the head size known at compile time (fully unrolled); 0: read from D.
 template <int kD, typename scalar_t, typename acc_t>
 inline acc_t dot(const acc_t* q, const scalar_t* k, int64_t D) {
@@ -51,6 +65,20 @@ inline void axpy(acc_t* out, acc_t p, const scalar_t* v, int64_t D) {
   const int64_t n = kD > 0 ? kD : D;
 #pragma omp simd
   for (int64_t d = 0; d < n; ++d) out[d] += p * widen<acc_t>(v[d]);
+}
+
+// Ask for the rows of token t + kAhead while token t is computed: a sequence's blocks lie anywhere in
+// the pool, so the hardware prefetchers do not find the next block; one token's rows at a time
+// keeps the number of lines in flight small.
+constexpr int64_t kAhead = 8;
+
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* pool, const int32_t* table, int64_t t, int64_t last, int64_t BS,
+                         int64_t row, int64_t h0, int64_t width) {
+  t += kAhead;
+  if (t > last) return;
+  const char* base = reinterpret_cast<const char*>(pool + ((static_cast<int64_t>(table[t / BS]) * BS + t % BS) * row + h0));
+  for (int64_t c = 0; c < width * static_cast<int64_t>(sizeof(scalar_t)); c += 64) __builtin_prefetch(base + c);
 }
 
 template <int kD, typename scalar_t>
@@ -81,53 +109,61 @@ void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
   }
   const acc_t sc = static_cast<acc_t>(scale);
 
-  at::parallel_for(0, S * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scores, qrows(G * D), acc(G * D), mx(G), total(G);
+  // A task is one sequence and HT of its KV heads (R = HT * G query rows). With many sequences a
+  // task takes all heads, so it streams through each block's rows [BS, Hkv, D] in order; with few,
+  // one head, so that the threads have tasks to share.
+  const int64_t HT = S >= 2 * at::get_num_threads() ? Hkv : 1;
+  const int64_t R = HT * G;
+  at::parallel_for(0, S * (Hkv / HT), 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scores, qrows(R * D), acc(R * D), mx(R), total(R), krow(HT * D), vrow(HT * D);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t s = task / Hkv, h = task % Hkv;
+      const int64_t s = task / (Hkv / HT), h0 = task % (Hkv / HT) * HT;
       const int64_t q0 = qsl[s], q_len = qsl[s + 1] - q0, L = ctx[s];
       const int32_t* table = tables + s * M;
       for (int64_t i = 0; i < q_len; ++i) {
         const int64_t p = L - q_len + i;                       // this query's cache index
         const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
         const int64_t n = p + 1 - lo;
-        if (static_cast<int64_t>(scores.size()) < G * n) scores.resize(G * n);
-        for (int64_t g = 0; g < G; ++g) {                      // the G query rows, pre-scaled
-          const scalar_t* src = qp + ((q0 + i) * Hq + h * G + g) * D;
-          for (int64_t d = 0; d < D; ++d) qrows[g * D + d] = widen<acc_t>(src[d]) * sc;
-        }
-        // pass 1: scores; each key row is read once for all G rows
+        if (static_cast<int64_t>(scores.size()) < R * n) scores.resize(R * n);
+        // query rows r = 0 .. R - 1 are query heads h0 * G + r (pre-scaled); row r reads KV head h0 + r / G
+        const scalar_t* src = qp + ((q0 + i) * Hq + h0 * G) * D;
+        for (int64_t j = 0; j < R * D; ++j) qrows[j] = widen<acc_t>(src[j]) * sc;
+        // pass 1: scores; each key row is read once for the G rows of its head
         std::fill(mx.begin(), mx.end(), -std::numeric_limits<acc_t>::infinity());
         for (int64_t t = lo; t <= p; ++t) {
-          const scalar_t* k = kp + (static_cast<int64_t>(table[t / BS]) * BS + t % BS) * row + h * D;
-          for (int64_t g = 0; g < G; ++g) {
-            const acc_t x = dot<kD, scalar_t, acc_t>(qrows.data() + g * D, k, D);
-            scores[g * n + t - lo] = x;
-            mx[g] = std::max(mx[g], x);
+          prefetch_row(kp, table, t, p, BS, row, h0 * D, HT * D);
+          const scalar_t* k = kp + (static_cast<int64_t>(table[t / BS]) * BS + t % BS) * row + h0 * D;
+          const acc_t* kw = widened(k, krow.data(), HT * D);
+          for (int64_t r = 0; r < R; ++r) {
+            const acc_t x = dot<kD, acc_t, acc_t>(qrows.data() + r * D, kw + (r / G) * D, D);
+            scores[r * n + t - lo] = x;
+            mx[r] = std::max(mx[r], x);
           }
         }
-        for (int64_t g = 0; g < G; ++g) {                      // softmax numerators and sums
+        for (int64_t r = 0; r < R; ++r) {                      // softmax numerators and sums
           acc_t sum = 0;
-          acc_t* sg = scores.data() + g * n;
-          const acc_t m = mx[g];
+          acc_t* sr = scores.data() + r * n;
+          const acc_t m = mx[r];
 #pragma omp simd reduction(+ : sum)
           for (int64_t j = 0; j < n; ++j) {
-            sg[j] = std::exp(sg[j] - m);
-            sum += sg[j];
+            sr[j] = std::exp(sr[j] - m);
+            sum += sr[j];
           }
-          total[g] = sum;
+          total[r] = sum;
         }
-        // pass 2: the weighted sum of value rows; each value row read once for all G rows
+        // pass 2: the weighted sum of value rows; each value row is widened once for all its rows
         std::fill(acc.begin(), acc.end(), acc_t(0));
         for (int64_t t = lo; t <= p; ++t) {
-          const scalar_t* v = vp + (static_cast<int64_t>(table[t / BS]) * BS + t % BS) * row + h * D;
-          for (int64_t g = 0; g < G; ++g)
-            axpy<kD, scalar_t, acc_t>(acc.data() + g * D, scores[g * n + t - lo], v, D);
+          prefetch_row(vp, table, t, p, BS, row, h0 * D, HT * D);
+          const scalar_t* v = vp + (static_cast<int64_t>(table[t / BS]) * BS + t % BS) * row + h0 * D;
+          const acc_t* vw = widened(v, vrow.data(), HT * D);
+          for (int64_t r = 0; r < R; ++r)
+            axpy<kD, acc_t, acc_t>(acc.data() + r * D, scores[r * n + t - lo], vw + (r / G) * D, D);
         }
-        for (int64_t g = 0; g < G; ++g) {
-          scalar_t* dst = op + ((q0 + i) * Hq + h * G + g) * D;
-          const acc_t inv = acc_t(1) / total[g];
-          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[g * D + d] * inv);
+        scalar_t* dst = op + ((q0 + i) * Hq + h0 * G) * D;
+        for (int64_t r = 0; r < R; ++r) {
+          const acc_t inv = acc_t(1) / total[r];
+          for (int64_t d = 0; d < D; ++d) dst[r * D + d] = static_cast<scalar_t>(acc[r * D + d] * inv);
         }
       }
     }
