@@ -119,7 +119,8 @@ def main(argv=None):
     ap.add_argument("--kvlab-variants", default="reference,fast",
                     help="--peer vllm: kvlab paths to time (reference = the chapters' paths; packed = "
                          "FastLlama without prepacking on torch attention, the fast path before issue 17's "
-                         "second round; fast = prepacked FastLlama on the cpu attention backend)")
+                         "second round; fast = prepacked FastLlama on the cpu attention backend; fast-gather = "
+                         "fast with the cpu backend's in-place C++ attention switched off)")
     ap.add_argument("--vllm-eager", action="store_true", help="vLLM with enforce_eager (no torch.compile)")
     args = ap.parse_args(argv)
     if args.peer == "vllm":
@@ -219,7 +220,28 @@ def _median(xs):
 # kvlab's paths: (prepacked weights, attention backend); None = the reference Llama
 VARIANTS = {"reference": None,
             "packed": (False, "torch"),     # FastLlama's packed q/k/v and gate/up, F.linear, torch attention
+            "fast-gather": (True, "cpu-gather"),   # fast as it was before the in-place C++ attention
             "fast": (True, "cpu")}          # + oneDNN-prepacked weights and the cpu attention backend
+
+
+class _GatherCPU:
+    """The cpu attention backend with its in-place C++ kernel switched off (kvlab.kernels.cpu.disabled):
+    every call gathers the blocks first, as the backend did before the kernel."""
+
+    def __init__(self):
+        from kvlab.attention import paged_cpu
+        self.ops = paged_cpu
+        self.reshape_and_cache = paged_cpu.reshape_and_cache
+
+    def paged_decode_attention(self, *args, **kw):
+        from kvlab.kernels import cpu
+        with cpu.disabled():
+            return self.ops.paged_decode_attention(*args, **kw)
+
+    def paged_prefill_attention(self, *args, **kw):
+        from kvlab.kernels import cpu
+        with cpu.disabled():
+            return self.ops.paged_prefill_attention(*args, **kw)
 
 
 def _kvlab_llm(variant, model, tok, num_requests):
@@ -233,6 +255,8 @@ def _kvlab_llm(variant, model, tok, num_requests):
 
         prepack, backend = VARIANTS[variant]
         model = FastLlama.from_llama(model, prepack=prepack)
+        if backend == "cpu-gather":
+            backend = _GatherCPU()
     return kvlab.LLM((model, tok), max_model_len=1024, max_num_seqs=num_requests,
                      enable_prefix_caching=False, attention_backend=backend)
 

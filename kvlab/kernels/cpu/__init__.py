@@ -3,9 +3,9 @@
     paged_attention.cpp   attention that reads K/V in place from the block pool (no gathered copy):
                           decode rows, and any query row whose context is already in the cache
 
-`load()` compiles the source once per machine (about a minute; PyTorch caches the build under
+`load()` compiles the source once per machine (about 20 s here; PyTorch caches the build under
 ~/.cache/torch_extensions, keyed by the source) and returns the module, or None when no C++
-compiler is found or the build fails; `why_unavailable()` then says why. Flags follow the CPU
+compiler or no `ninja` is found, or the build fails; `why_unavailable()` then says why. Flags follow the CPU
 that PyTorch itself dispatches to (`torch.backends.cpu.get_cpu_capability()`): AVX-512 or AVX2
 when it uses them, plain -O3 otherwise (`-march=native` is avoided: it crashed other native
 builds on the course machine). The PyTorch twin is `kvlab.attention.paged_torch`; the
@@ -13,6 +13,7 @@ equivalence tests are tests/test_attention_cpu_kernel.py.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -41,6 +42,8 @@ def load():
         why = "KVLAB_NO_CPU_KERNEL is set"
     elif shutil.which(os.environ.get("CXX", "c++")) is None:
         why = "no C++ compiler (c++) on PATH"
+    elif shutil.which("ninja") is None:
+        why = "no ninja on PATH (PyTorch's extension loader builds with it)"
     else:
         cap, flags = _flags()
         try:
@@ -52,6 +55,18 @@ def load():
             why = f"the build failed: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
     _state["module"], _state["why"] = module, why
     return module
+
+
+@contextlib.contextmanager
+def disabled():
+    """Inside: `load()` returns None, so callers take their gather paths (the before of a benchmark)."""
+    global load
+    real = load
+    load = lambda: None  # noqa: E731
+    try:
+        yield
+    finally:
+        load = real
 
 
 def available() -> bool:
