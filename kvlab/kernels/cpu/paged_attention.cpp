@@ -14,6 +14,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -114,9 +115,21 @@ void attend(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
   // one head, so that the threads have tasks to share.
   const int64_t HT = S >= 2 * at::get_num_threads() ? Hkv : 1;
   const int64_t R = HT * G;
-  at::parallel_for(0, S * (Hkv / HT), 1, [&](int64_t begin, int64_t end) {
+  // Tasks are handed out one at a time, longest context first (contexts in a batch differ by 10x and
+  // more: a static split would leave one thread with most of the work).
+  const int64_t num_tasks = S * (Hkv / HT);
+  std::vector<int64_t> order(num_tasks);
+  for (int64_t j = 0; j < num_tasks; ++j) order[j] = j;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    const int64_t sa = a / (Hkv / HT), sb = b / (Hkv / HT);
+    return (qsl[sa + 1] - qsl[sa]) * ctx[sa] > (qsl[sb + 1] - qsl[sb]) * ctx[sb];
+  });
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_tasks);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<acc_t> scores, qrows(R * D), acc(R * D), mx(R), total(R), krow(HT * D), vrow(HT * D);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t j = next++; j < num_tasks; j = next++) {
+      const int64_t task = order[j];
       const int64_t s = task / (Hkv / HT), h0 = task % (Hkv / HT) * HT;
       const int64_t q0 = qsl[s], q_len = qsl[s + 1] - q0, L = ctx[s];
       const int32_t* table = tables + s * M;
