@@ -109,3 +109,19 @@ def test_other_cache_dtypes_and_strided_pools_take_the_gather_path():
     q = torch.randn(2, 4, 8)
     assert paged_cpu.in_place_kernel(q, torch.zeros(3, 4, 2, 8, dtype=torch.float64)) is None
     assert paged_cpu.in_place_kernel(q, torch.zeros(3, 8, 2, 4).transpose(1, 3)) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_share_a_mixed_batch_and_agree_with_the_reference(threads):
+    """More threads than one: tasks are handed out longest first; every row still equals the reference."""
+    lens = [40, 600, 80, 5, 300, 1, 250, 33]
+    q, kc, vc, tables, qsl, ctx = _case(lens, [1] * len(lens), 3, 3, 64, 16, torch.float64, seed=9)
+    want = paged_torch.paged_decode_attention(q, kc, vc, tables, ctx, 0.125)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu_kernels.load().paged_attention(q, kc, vc, tables, qsl, ctx, 0.125, 0)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
