@@ -153,6 +153,18 @@ def test_preemption_by_recompute_gives_the_reference():
         assert llm.scheduler.num_preemptions > 0
 
 
+def test_fast_model_on_the_cpu_backend():
+    """FastLlama (the serving model) goes through the same cache.attend: its tokens with groups are
+    its own dense windowed tokens."""
+    from kvlab.model.fast import FastLlama
+
+    model = FastLlama(gemma(window=5))
+    prompts = random_prompts((19, 7), seed=4)
+    llm = kvlab.LLM(model, attention_backend="cpu", block_size=4, num_kv_blocks=40, max_model_len=64)
+    assert llm.kv_groups is not None
+    assert run(llm, prompts, 12) == [generate(model, p, 12) for p in prompts]
+
+
 def test_triton_backend_gives_the_torch_backends_tokens():
     pytest.importorskip("triton", reason="Triton is Linux-only")
     from helpers import DEVICE
