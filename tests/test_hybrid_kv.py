@@ -177,6 +177,40 @@ def test_triton_backend_gives_the_torch_backends_tokens():
     assert outs[0] == outs[1]
 
 
+def test_a_failed_forward_is_rolled_back_in_every_group():
+    """A forward that raises mid-generation (after blocks were let go): the step is rolled back
+    (its registrations taken back in every group), the sequences recompute, and both this run and
+    a second one that hits the prefix cache give the reference."""
+    model = gemma(window=5)
+    prompts = random_prompts((9, 15, 22), seed=13, shared=8)
+    want = [generate(model, p, 14) for p in prompts]
+    llm = recorded(kvlab.LLM(model, block_size=2, num_kv_blocks=120, max_model_len=64, max_num_seqs=4,
+                             enable_chunked_prefill=True, max_num_batched_tokens=8))
+    forward, calls = llm.model.forward, [0]
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] in (4, 9):
+            raise RuntimeError("the forward failed")
+        return forward(*args, **kwargs)
+
+    llm.model.forward = failing
+    seqs = [llm.engine.requests[llm.add_request(p, kvlab.SamplingParams(max_tokens=14, **GREEDY))]
+            for p in prompts]
+    failures = 0
+    while llm.has_unfinished_requests():
+        try:
+            llm.step()
+        except RuntimeError:
+            failures += 1
+            continue
+        check_tables(llm)
+    del llm.model.forward
+    assert failures == 2 and [s.completion_token_ids for s in seqs] == want
+    assert_all_free(llm)
+    assert run(llm, prompts, 14) == want and llm.block_manager.prefix_cache_hits > 0
+
+
 # ---- memory -------------------------------------------------------------------------------------------
 def test_the_same_budget_holds_more_sequences():
     """A block id costs num_slots = 2 layers (not 4), so the same bytes give twice the ids; with

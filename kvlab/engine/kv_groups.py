@@ -173,7 +173,7 @@ class HybridBlockManager:
         self.groups = [first] + [_GroupManager(g, w, first, *args) for g, w in enumerate(windows) if g]
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.blocks, self.free_queue = first.blocks, first.free_queue
+        self.blocks, self.free_queue, self.cached = first.blocks, first.free_queue, first.cached
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
 
