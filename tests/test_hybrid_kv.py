@@ -280,6 +280,10 @@ def test_what_stays_refused_or_single_table():
     with pytest.raises(ValueError, match="kv_eviction='h2o' with a model that has sliding-window"):
         kvlab.LLM(model, kv_budget_tokens=32, kv_eviction="h2o", num_kv_blocks=16, max_model_len=64,
                   enable_prefix_caching=False)
+    default = kvlab.LLM(model, max_model_len=64, max_num_seqs=4)          # groups, prefix caching on
+    assert default.kv_groups is not None and default.prefix_cache == "hash"
+    p = random_prompts((20,), seed=1)[0]
+    assert run(default, [p, p], 10) == [generate(model, p, 10)] * 2
     radix = kvlab.LLM(model, prefix_cache="radix", num_kv_blocks=64, max_model_len=64)
     assert radix.kv_groups is None                       # one table: correct, frees nothing
     mistral = kvlab.LLM(random_model("mistral-tiny", dtype=torch.float64), num_kv_blocks=64, max_model_len=64)
@@ -304,10 +308,13 @@ def test_random_workloads_keep_the_invariants(data, bs, window, chunked, caching
     need = 2 * -(-longest // bs)
     pool = data.draw(st.integers(need, 2 * need), label="pool")
     abort_after = data.draw(st.sampled_from([None, 1, 3]), label="abort_after")
+    per_block = PagedKVCache.bytes_per_block(2, bs, 2, 16, torch.float64)     # 2 slots of 4 layers
+    budget = pool * per_block + data.draw(st.integers(0, per_block - 1), label="slack")
     model = gemma(window=window, seed=window)
-    llm = kvlab.LLM(model, block_size=bs, num_kv_blocks=pool, max_model_len=64, max_num_seqs=4,
+    llm = kvlab.LLM(model, block_size=bs, kv_cache_memory_bytes=budget, max_model_len=64, max_num_seqs=4,
                     enable_prefix_caching=caching, enable_chunked_prefill=chunked,
                     max_num_batched_tokens=8 if chunked else None)
+    assert llm.num_kv_blocks == pool and llm.kv_cache_memory_bytes == budget
     got = run(llm, prompts, max_tokens, abort_after)
     want = [generate(model, p, max_tokens) for p in prompts]
     for i, (w, tokens) in enumerate(zip(want, got)):
