@@ -106,6 +106,11 @@ class LLM:
     (with `kv_eviction_window`, their recent / observation window; `kv_eviction_keep_top`, a
     function with `kvlab.evict.policy.keep_top_and_recent`'s signature, replaces their selection).
 
+    A model whose layers mix attention types (config.sliding_windows with None and W entries, or
+    several windows: Gemma 2) runs with one block table per layer group over one shared block pool,
+    its windowed groups freeing out-of-window blocks (kvlab/engine/kv_groups.py); docs/architecture.md,
+    "Sliding-window layers".
+
     Two more take a factory (a class or a callable, called with keyword arguments named as the
     kvlab class's parameters), because the LLM builds what they hold: `scheduler`
     (kvlab.engine.scheduler.Scheduler by default; built around the block allocator) and
