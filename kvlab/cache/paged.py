@@ -13,6 +13,11 @@ sequences, so this cache speaks the model's KV-cache protocol (kvlab/cache/base.
 `attend` writes the new K/V to their slots and returns attention over each sequence's context.
 `sliding_windows` (one entry per layer, None = full attention) makes the backend attend a windowed
 layer's queries over their last W cache indices only (`sliding_window=` of the entry points).
+
+`kv_groups` (a `kvlab.engine.kv_groups.KVGroupLayout`, for a model that mixes layer types): one
+block table per group over one pool of block ids. The cache then holds `num_slots` tensors (per K
+and V), layer l using the one of its rank in its group, so `k_cache[l]` is that shared tensor; each
+layer attends with its group's part of the metadata (`AttentionMetadata.groups`).
 """
 from __future__ import annotations
 
@@ -36,6 +41,9 @@ class AttentionMetadata:
     # a per-sequence KV budget (kvlab/engine/kv_eviction.py, kvlab/cache/compaction.py)
     compactions: list = field(default_factory=list)     # cuts to copy before the forward
     score_rows: torch.Tensor | None = None              # [N] bool: queries whose attention is summed
+    # several KV cache groups (kvlab/engine/kv_groups.py): group g's own slot_mapping, context_lens
+    # and block_tables (its cache indices); the fields above are group 0's
+    groups: list | None = None
 
 
 def step_metadata(cache, q: torch.Tensor) -> AttentionMetadata:
@@ -52,12 +60,12 @@ class PagedKVCache:
 
     PagedKVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim,
                  dtype=torch.float32, device="cpu", attention_backend="torch",
-                 sliding_windows=None)
+                 sliding_windows=None, kv_groups=None)
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype = torch.float32, device="cpu",
-                 attention_backend: str = "torch", sliding_windows=None):
+                 attention_backend: str = "torch", sliding_windows=None, kv_groups=None):
         for name, value in (("num_layers", num_layers), ("num_blocks", num_blocks),
                             ("block_size", block_size), ("num_kv_heads", num_kv_heads),
                             ("head_dim", head_dim)):
@@ -69,9 +77,20 @@ class PagedKVCache:
         self.attention_backend = attention_backend
         self.ops = backend_module(attention_backend)
         self.sliding_windows = check_sliding_windows(sliding_windows, num_layers, "PagedKVCache")
+        self.kv_groups = kv_groups
+        self.num_kv_groups = 1 if kv_groups is None else kv_groups.num_groups
+        slot = tuple(range(num_layers))
+        if kv_groups is not None:
+            if len(kv_groups.layer_group) != num_layers or any(
+                    w != (None if self.sliding_windows is None else self.sliding_windows[layer])
+                    for g, w in enumerate(kv_groups.windows) for layer in kv_groups.layers[g]):
+                raise ValueError("PagedKVCache: kv_groups must group the layers by their sliding_windows")
+            slot, self.layer_group = kv_groups.layer_slot, kv_groups.layer_group
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
-        self.v_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(max(slot) + 1)]
+        v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(max(slot) + 1)]
+        self.k_cache = [k[s] for s in slot]        # with groups, layers of different groups share
+        self.v_cache = [v[s] for s in slot]
         self.scale = 1.0 / math.sqrt(head_dim)
         self.metadata: AttentionMetadata | None = None
         self.compactor = None      # a KV budget's KVCompactor (kvlab.LLM sets it), else None
@@ -102,7 +121,8 @@ class PagedKVCache:
     def nbytes(self) -> int:
         """Bytes of every tensor this cache holds (with a KV budget's scores)."""
         scores = self.compactor.nbytes if self.compactor is not None else 0
-        return sum(t.numel() * t.element_size() for t in (*self.k_cache, *self.v_cache)) + scores
+        tensors = {id(t): t for t in (*self.k_cache, *self.v_cache)}.values()     # shared ones once
+        return sum(t.numel() * t.element_size() for t in tensors) + scores
 
     # ---- a per-sequence KV budget (kvlab/cache/compaction.py) -------------------------------
     def slot_views(self, layer: int) -> list[torch.Tensor]:
@@ -116,6 +136,8 @@ class PagedKVCache:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [1, N, Hq, D], k and v [1, N, Hkv, D] (packed batch) -> [1, N, Hq, D]."""
         m = step_metadata(self, q)
+        if m.groups is not None:
+            m = m.groups[self.layer_group[layer]]
         q, k, v = q[0], k[0], v[0]
         kc, vc = self.k_cache[layer], self.v_cache[layer]
         self.ops.reshape_and_cache(k, v, kc, vc, m.slot_mapping)

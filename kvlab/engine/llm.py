@@ -28,6 +28,7 @@ from kvlab.engine.block_manager import BlockManager
 from kvlab.engine.core import EngineCore
 from kvlab.engine.kv_budget import DEFAULT_KV_CACHE_BYTES, kv_costs, plan_kv_pool
 from kvlab.engine.kv_eviction import Evictor, check_combination, eviction_config, max_blocks_per_sequence
+from kvlab.engine.kv_groups import HybridBlockManager, group_layout
 from kvlab.engine.metrics import render_prometheus
 from kvlab.engine.model_runner import ModelRunner
 from kvlab.engine.outputs import CompletionOutput, RequestOutput
@@ -104,6 +105,11 @@ class LLM:
     `kv_eviction` "window" (default), "streaming" (with `num_sink_tokens`), "h2o" or "snapkv"
     (with `kv_eviction_window`, their recent / observation window; `kv_eviction_keep_top`, a
     function with `kvlab.evict.policy.keep_top_and_recent`'s signature, replaces their selection).
+
+    A model whose layers mix attention types (config.sliding_windows with None and W entries, or
+    several windows: Gemma 2) runs with one block table per layer group over one shared block pool,
+    its windowed groups freeing out-of-window blocks (kvlab/engine/kv_groups.py); docs/architecture.md,
+    "Sliding-window layers".
 
     Two more take a factory (a class or a callable, called with keyword arguments named as the
     kvlab class's parameters), because the LLM builds what they hold: `scheduler`
@@ -192,20 +198,27 @@ class LLM:
             check_combination(self.eviction, fmt, prefix_cache if allocator is None else "custom",
                               keep_sink_token)
         self.sliding_windows = getattr(cfg, "sliding_windows", None)
+        self.kv_groups = None                # one block table per KV cache group (kv_groups.py)
         if self.sliding_windows is not None:
             _check_windowed(fmt, kv_cache_dtype, attention_backend, self.eviction)
-            if (self.eviction is None and None not in self.sliding_windows and allocator is None
-                    and prefix_cache in ("hash", "none")):
-                # every layer windowed (Mistral): keep the widest window, let out-of-window blocks go
-                # (a model with full layers too, Gemma's, needs them all: one block table serves
-                # every layer)
+            layout = group_layout(self.sliding_windows, cfg.num_layers)
+            own_manager = self.eviction is None and allocator is None and prefix_cache in ("hash", "none")
+            if own_manager and layout.num_groups > 1:
+                # layer types mixed (Gemma 2: windowed and full) or several windows: one table per
+                # group over one pool, each windowed group letting its out-of-window blocks go
+                self.kv_groups = layout
+            elif own_manager:
+                # every layer windowed with one W (Mistral): keep the window (at least a block),
+                # let out-of-window blocks go
                 self.eviction = eviction_config(max(max(self.sliding_windows), block_size), "window",
                                                 num_sink_tokens, None, block_size)
 
         # ---- the KV memory: blocks and rows, all inside one budget, allocated once -------------
         shape = dict(num_layers=cfg.num_layers, block_size=block_size,
                      num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
-        costs = kv_costs(fmt, codec, shape, self.model.dtype, max_num_seqs,
+        # with groups a block id holds num_slots layers (the largest group's), not every layer
+        layers = dict(shape, num_layers=self.kv_groups.num_slots) if self.kv_groups else shape
+        costs = kv_costs(fmt, codec, layers, self.model.dtype, max_num_seqs,
                          self.max_num_batched_tokens, keep_sink_token)
         scored = self.eviction is not None and self.eviction.policy in ("h2o", "snapkv")
         if scored:                           # the attention each entry received, per slot
@@ -214,7 +227,8 @@ class LLM:
         self.bytes_per_block = costs.bytes_per_block
         budget = kv_cache_memory_bytes
         if num_kv_blocks is None and budget is None:
-            full = costs.plan(-(-max_num_seqs * self.max_model_len // block_size)).total_bytes
+            groups = self.kv_groups.num_groups if self.kv_groups else 1
+            full = costs.plan(groups * -(-max_num_seqs * self.max_model_len // block_size)).total_bytes
             budget = min(full, DEFAULT_KV_CACHE_BYTES)
         plan = plan_kv_pool(costs, budget, num_kv_blocks)
         self.num_kv_blocks = plan.num_blocks
@@ -234,6 +248,9 @@ class LLM:
             if prefix_cache == "radix":
                 from kvlab.engine.radix_cache import RadixCache
                 allocator = RadixCache(plan.num_blocks)
+            elif self.kv_groups is not None:
+                allocator = HybridBlockManager(plan.num_blocks, block_size, self.kv_groups.windows,
+                                               prefix_cache == "hash")
             else:
                 allocator = BlockManager(plan.num_blocks, block_size, prefix_cache == "hash",
                                          max_cached_first_blocks=max_num_seqs if keep_sink_token else None)
@@ -269,7 +286,7 @@ class LLM:
         kw = dict(num_blocks=plan.num_blocks, **shape, dtype=self.model.dtype, device=self.model.device,
                   attention_backend=attention_backend)
         if fmt == "auto":
-            return PagedKVCache(**kw, sliding_windows=self.sliding_windows)
+            return PagedKVCache(**kw, sliding_windows=self.sliding_windows, kv_groups=self.kv_groups)
         if fmt == "codec":
             from kvlab.cache.codec import CodecPagedKVCache
             return CodecPagedKVCache(codec, **kw)
@@ -374,6 +391,8 @@ class LLM:
                              "(prompt plus at least one generated token must fit)")
         longest = min(n + params.max_tokens, self.max_model_len) - 1   # tokens whose K/V are stored
         need = -(-longest // self.block_size)
+        if self.kv_groups is not None:       # every group may hold every block (a recompute's prefill)
+            need *= self.kv_groups.num_groups
         if self.eviction is not None:        # the prompt's prefill, then at most the budget's blocks
             need = max(-(-n // self.block_size),
                        min(need, max_blocks_per_sequence(self.eviction, self.block_size)))

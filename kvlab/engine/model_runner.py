@@ -46,32 +46,20 @@ class ModelRunner:
     def prepare(self, items):
         """Scheduled items (or sequences) -> input_ids [1, N], positions [1, N], AttentionMetadata,
         logit_indices [S] (the last new token of each)."""
-        bs = self.block_size
         spans = _spans(items)
-        input_ids, positions, slots, qsl, ctx = [], [], [], [0], []
+        input_ids, positions, qsl = [], [], [0]
         for seq, start, end in spans:
             if not 0 <= start < end <= len(seq):
                 raise RuntimeError(f"sequence {seq.seq_id} has no token to compute ({start}..{end})")
-            off = getattr(seq, "num_evicted_tokens", 0)     # a KV budget's dropped entries
-            if len(seq.block_table) * bs < end - off:
-                raise RuntimeError(f"sequence {seq.seq_id}: {len(seq.block_table)} blocks cannot "
-                                   f"hold {end - off} entries")
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))             # RoPE: the original positions
-            table = seq.block_table
-            slots.extend(table[c // bs] * bs + c % bs for c in range(start - off, end - off))
             qsl.append(qsl[-1] + end - start)
-            ctx.append(end - off)                           # entries after this step's write
-        max_blocks = max(len(s.block_table) for s, _, _ in spans)
-        tables = [s.block_table + [-1] * (max_blocks - len(s.block_table)) for s, _, _ in spans]
         dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            is_decode=qsl[-1] == len(spans),
-        )
+        groups = [self._group_metadata(spans, g, qsl) for g in range(getattr(self.cache, "num_kv_groups", 1))]
+        meta = groups[0]
+        if len(groups) > 1:
+            meta = AttentionMetadata(meta.slot_mapping, meta.query_start_loc, meta.context_lens,
+                                     meta.block_tables, meta.is_decode, groups=groups)
         scored = [getattr(it, "score_from", None) for it in items]
         if any(f is not None for f in scored):              # a KV budget that reads attention
             meta.score_rows = torch.tensor(
@@ -81,6 +69,37 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.int64, device=dev).unsqueeze(0)
         logit_indices = meta.query_start_loc[1:].long() - 1
         return ids, pos, meta, logit_indices
+
+    def _group_metadata(self, spans, group: int, qsl) -> AttentionMetadata:
+        """The metadata of KV cache group `group` (0 with one group), in its cache indices: a
+        sequence that dropped leading entries (a KV budget's `num_evicted_tokens`, or a windowed
+        group's leading NO_BLOCK entries, kvlab/engine/kv_groups.py) stores position p at index
+        p - dropped."""
+        bs = self.block_size
+        slots, ctx, tables = [], [], []
+        for seq, start, end in spans:
+            table = seq.kv_group_tables[group] if group else seq.block_table
+            lead = 0
+            while lead < len(table) and table[lead] < 0:    # let go: the table starts after them
+                lead += 1
+            table = table[lead:] if lead else table
+            off = getattr(seq, "num_evicted_tokens", 0) + lead * bs
+            if len(table) * bs < end - off:
+                raise RuntimeError(f"sequence {seq.seq_id}: {len(table)} blocks cannot "
+                                   f"hold {end - off} entries")
+            slots.extend(table[c // bs] * bs + c % bs for c in range(start - off, end - off))
+            ctx.append(end - off)                           # entries after this step's write
+            tables.append(table)
+        max_blocks = max(len(t) for t in tables)
+        dev = self.device
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor([t + [-1] * (max_blocks - len(t)) for t in tables],
+                                      dtype=torch.int32, device=dev),
+            is_decode=qsl[-1] == len(spans),
+        )
 
     def release(self, freed_blocks) -> None:
         """Hand blocks whose contents were dropped to the cache (a step with no forward)."""

@@ -13,8 +13,8 @@ computes the whole prompt at admission (less what the prefix cache already holds
 token per decode step.
 
 Who writes what: the scheduler writes `status`, `num_computed_tokens`, `num_preemptions` and,
-with a KV budget, the eviction counters (through its `Evictor`); the
-block manager writes `block_table` and `num_cached_tokens`; the engine core (kvlab/engine/core.py)
+with a KV budget, the eviction counters (through its `Evictor`); the block manager writes
+`block_table` (and `kv_group_tables`) and `num_cached_tokens`; the engine core (kvlab/engine/core.py)
 writes the tokens, `finish_reason`, `text` and the times. Nobody else writes a sequence.
 """
 from __future__ import annotations
@@ -47,6 +47,9 @@ class Sequence:
         self.cache_salt = cache_salt
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
+        # a model with several KV cache groups (kvlab/engine/kv_groups.py): one table per group,
+        # the first being block_table itself; written by the block manager, like block_table
+        self.kv_group_tables: list[list[int]] = []
         self.num_cached_tokens = 0      # prefix-cache hits at admission (set by the block manager)
         self.num_computed_tokens = 0    # tokens whose K/V are in the cache (or in the planned step)
         self.finish_reason: str | None = None
