@@ -3,8 +3,8 @@
 `kvlab.LLM` is not thread-safe, and it needs no locking here: only `EngineLoop.run` touches it.
 Between two steps, on the event loop's thread, it hands the engine the requests and aborts that
 handlers queued (`submit`, `abort`); then it runs `LLM.step()` in its own worker thread (the event loop
-keeps serving HTTP meanwhile) and routes each RequestOutput to the asyncio.Queue of the handler
-that owns the request. Requests from all connections share the engine's continuous batch.
+keeps serving HTTP meanwhile) and, while that step runs, routes each RequestOutput of the step
+before to the asyncio.Queue of the handler that owns the request. Requests from all connections share the engine's continuous batch.
 
 A handler gets its queue from `await submit(...)`, which raises the engine's ValueError for a bad
 request (the engine is unchanged), or `Overloaded` when more requests wait than `max_waiting`.
@@ -183,21 +183,38 @@ class EngineLoop:
                 self._finish(out.request_id, out.outputs[0].finish_reason or "stop", now)
 
     async def run(self) -> None:
+        """Step the engine until stopped. The outputs of a step are routed to their handlers while the
+        next step runs (as vLLM's engine core process overlaps the API server's output processing):
+        between two steps the engine waits only for the commands handlers queued, not for their
+        streaming work."""
+        loop = asyncio.get_running_loop()
+        routed = None   # (outputs, time) of the last step, not yet handed to their handlers
         while True:
             self._apply_commands()
             if self._stopping:
+                if routed is not None:
+                    self._route(*routed)
                 return
             if not self.llm.has_unfinished_requests():
+                if routed is not None:
+                    self._route(*routed)
+                    routed = None
+                    await asyncio.sleep(0)
+                    continue
                 self._wake.clear()
                 if not (self._submissions or self._aborts or self._stopping):
                     await self._wake.wait()
                 continue
+            step = loop.run_in_executor(self._executor, self.llm.step)
+            if routed is not None:
+                self._route(*routed)
+                routed = None
+                await asyncio.sleep(0)   # let handlers write their chunks while the step runs
             try:
-                outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self.llm.step)
+                outputs = await step
             except Exception as e:   # the engine's state is unknown: fail everyone, keep serving
                 log.exception("engine step failed")
                 self.error = f"engine step failed: {type(e).__name__}: {e}"
                 self._fail_all(self.error)
                 continue
-            self._route(outputs, time.perf_counter())
-            await asyncio.sleep(0)   # let handlers run between steps
+            routed = (outputs, time.perf_counter())
