@@ -60,8 +60,9 @@ def in_place_kernel(q: torch.Tensor, k_cache: torch.Tensor):
 
 def _in_place(kernel, q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, sliding_window):
     i32 = torch.int32
-    return kernel.paged_attention(q, k_cache, v_cache, block_tables.to(i32), query_start_loc.to(i32),
-                                  context_lens.to(i32), float(scale), int(sliding_window or 0))
+    with torch.profiler.record_function("kvlab::paged_attention_cpu"):   # named in torch.profiler tables
+        return kernel.paged_attention(q, k_cache, v_cache, block_tables.to(i32), query_start_loc.to(i32),
+                                      context_lens.to(i32), float(scale), int(sliding_window or 0))
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

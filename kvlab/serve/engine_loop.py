@@ -4,7 +4,8 @@
 Between two steps, on the event loop's thread, it hands the engine the requests and aborts that
 handlers queued (`submit`, `abort`); then it runs `LLM.step()` in its own worker thread (the event loop
 keeps serving HTTP meanwhile) and, while that step runs, routes each RequestOutput of the step
-before to the asyncio.Queue of the handler that owns the request. Requests from all connections share the engine's continuous batch.
+before to the asyncio.Queue of the handler that owns the request. Requests from all connections
+share the engine's continuous batch.
 
 A handler gets its queue from `await submit(...)`, which raises the engine's ValueError for a bad
 request (the engine is unchanged), or `Overloaded` when more requests wait than `max_waiting`.
