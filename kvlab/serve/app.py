@@ -87,12 +87,14 @@ def _sse(body) -> str:
     return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n"
 
 
-def build_app(llm, model_name: str, max_waiting: int = 256, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
-    """The ASGI app serving `llm` (a kvlab.LLM with a tokenizer) under the name `model_name`."""
+def build_app(llm, model_name: str, max_waiting: int = 256, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              executor=None):
+    """The ASGI app serving `llm` (a kvlab.LLM with a tokenizer) under the name `model_name`; the engine
+    steps on `executor` (kvlab.serve.engine_loop.engine_thread: pass the one that built `llm`)."""
     if llm.tokenizer is None:
         raise ValueError("the server needs a model with a tokenizer (text prompts and chat templates)")
     metrics = ServerMetrics(model_name)
-    engine = EngineLoop(llm, metrics, max_waiting)
+    engine = EngineLoop(llm, metrics, max_waiting, executor)
     tokenizer = copy.deepcopy(llm.tokenizer)   # the engine thread decodes with its own; never share one
     created = int(time.time())
 

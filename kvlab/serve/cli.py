@@ -124,10 +124,12 @@ def main(argv=None) -> None:
 
     from kvlab.engine.llm import LLM
     from kvlab.serve.app import build_app
+    from kvlab.serve.engine_loop import engine_thread
 
+    executor = engine_thread()   # loads, prepacks and steps the model: one OpenMP team (engine_thread)
     try:
-        llm = LLM(load(args), **llm_kwargs(args))
-        app = build_app(llm, served_name(args), args.max_queue_len, args.max_request_body_bytes)
+        llm = executor.submit(lambda: LLM(load(args), **llm_kwargs(args))).result()
+        app = build_app(llm, served_name(args), args.max_queue_len, args.max_request_body_bytes, executor)
     except (ValueError, FileNotFoundError) as e:
         parser().error(str(e))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
