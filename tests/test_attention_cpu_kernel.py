@@ -22,8 +22,8 @@ needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason=f"no CPU k
 
 
 def test_the_kernel_builds_where_a_compiler_exists():
-    if shutil.which("c++") is None or shutil.which("ninja") is None:
-        pytest.skip("no C++ compiler or no ninja on this machine: the gather paths serve")
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler on this machine: the gather paths serve")
     assert cpu_kernels.available(), cpu_kernels.why_unavailable()
 
 

@@ -33,6 +33,19 @@ def _flags() -> tuple[str, list[str]]:
     return cap, _FLAGS.get(cap, [])
 
 
+def _ninja() -> str | None:
+    """ninja's path; the `ninja` package's binary is put on PATH for PyTorch's loader when none is."""
+    found = shutil.which("ninja")
+    if found is None:
+        try:
+            import ninja
+        except ImportError:
+            return None
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        found = shutil.which("ninja")
+    return found
+
+
 def load():
     """The compiled module (with `paged_attention(...)`), or None; compiled at most once per process."""
     if "module" in _state:
@@ -42,8 +55,8 @@ def load():
         why = "KVLAB_NO_CPU_KERNEL is set"
     elif shutil.which(os.environ.get("CXX", "c++")) is None:
         why = "no C++ compiler (c++) on PATH"
-    elif shutil.which("ninja") is None:
-        why = "no ninja on PATH (PyTorch's extension loader builds with it)"
+    elif _ninja() is None:
+        why = "no ninja (the `ninja` package, or one on PATH): PyTorch's extension loader builds with it"
     else:
         cap, flags = _flags()
         try:
