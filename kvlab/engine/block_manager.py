@@ -107,7 +107,40 @@ class FreeBlockQueue:
         del self._q[block_id]
 
 
-class BlockManager:
+class PoolCounters:
+    """What a block allocator over one pool reports from `free_queue`, `num_blocks`, `block_size`
+    and its two prefix-cache counters (BlockManager, and kv_groups.HybridBlockManager)."""
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    def usage(self) -> float:
+        """Fraction of blocks referenced by at least one sequence (vLLM's kv_cache_usage_perc)."""
+        return 1.0 - len(self.free_queue) / self.num_blocks
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    @staticmethod
+    def _allocate_args(seq, num_tokens, num_computed) -> tuple[int, int]:
+        """`allocate`'s checks and defaults: (tokens to cover, tokens that count as computed)."""
+        if seq.block_table:
+            raise ValueError(f"sequence already holds {len(seq.block_table)} blocks; "
+                             "deallocate it before allocating again")
+        if len(seq) == 0:
+            raise ValueError("cannot allocate blocks for an empty sequence")
+        n = len(seq) if num_tokens is None else num_tokens
+        if num_computed is None:
+            num_computed = len(seq) if num_tokens is None else 0
+        return n, num_computed
+
+
+class BlockManager(PoolCounters):
     """Allocate, grow, share and free the block tables of sequences over a fixed pool of blocks.
 
     A sequence needs `seq_id`, `token_ids`, `block_table`, `num_cached_tokens`, `cache_salt` and
@@ -146,26 +179,11 @@ class BlockManager:
         self.prefix_cache_hits = 0
         self.num_evicted_blocks = 0                           # cached blocks reused for new contents
 
-    # ---- queries ---------------------------------------------------------------------------
-    @property
-    def num_free_blocks(self) -> int:
-        return len(self.free_queue)
-
+    # ---- queries (and PoolCounters') ------------------------------------------------------------
     @property
     def num_cached_first_blocks(self) -> int:
         """Free blocks that still hold a sequence's first block (each keeps its sink row)."""
         return len(self._free_first)
-
-    def usage(self) -> float:
-        """Fraction of blocks referenced by at least one sequence (vLLM's kv_cache_usage_perc)."""
-        return 1.0 - len(self.free_queue) / self.num_blocks
-
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
-
-    def num_blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
 
     def lookup(self, seq) -> int:
         """Tokens of seq the prefix cache holds (whole blocks, never the last token). Pure."""
@@ -304,14 +322,7 @@ class BlockManager:
         `register_computed` once the step has computed the tokens. Called alone, as the chapters
         do, `allocate(seq)` assumes the coming prefill computes every token and registers its full
         blocks at once; `num_computed` overrides how many tokens count as computed."""
-        if seq.block_table:
-            raise ValueError(f"sequence already holds {len(seq.block_table)} blocks; "
-                             "deallocate it before allocating again")
-        if len(seq) == 0:
-            raise ValueError("cannot allocate blocks for an empty sequence")
-        n = len(seq) if num_tokens is None else num_tokens
-        if num_computed is None:
-            num_computed = len(seq) if num_tokens is None else 0
+        n, num_computed = self._allocate_args(seq, num_tokens, num_computed)
         hits = self._cached_prefix(seq)
         if not 0 < n <= len(seq) or n < len(hits) * self.block_size:
             raise ValueError(f"num_tokens must be in [{len(hits) * self.block_size or 1}, {len(seq)}] "

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvlab.engine.block_manager import BlockManager
+from kvlab.engine.block_manager import BlockManager, PoolCounters
 from kvlab.engine.prefix_hash import ROOT, extra_keys_for, hash_block
 
 NO_BLOCK = -1          # a windowed group's table entry whose block was let go (or never needed)
@@ -157,7 +157,7 @@ class _GroupManager(BlockManager):
                 chain.append((h, self._register(self.blocks[seq.block_table[i]], h, tokens, parent, extra)))
 
 
-class HybridBlockManager:
+class HybridBlockManager(PoolCounters):
     """The block allocator of a model with several KV cache groups (kvlab/engine/protocols.py,
     `BlockAllocator`). HybridBlockManager(num_blocks, block_size, windows, enable_prefix_caching):
     `windows` is `KVGroupLayout.windows`. Per sequence it keeps one table per group
@@ -177,24 +177,10 @@ class HybridBlockManager:
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
 
-    # ---- queries ---------------------------------------------------------------------------
-    @property
-    def num_free_blocks(self) -> int:
-        return len(self.free_queue)
-
+    # ---- queries (and PoolCounters') ------------------------------------------------------------
     @property
     def num_evicted_blocks(self) -> int:
         return sum(g.num_evicted_blocks for g in self.groups)
-
-    def usage(self) -> float:
-        return 1.0 - len(self.free_queue) / self.num_blocks
-
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
-
-    def num_blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
 
     def live_blocks(self, seq) -> list[int]:
         """Blocks seq holds in each group."""
@@ -254,14 +240,7 @@ class HybridBlockManager:
         """Give seq one table per group for its first `num_tokens` tokens, reusing the longest hit
         every group covers (`seq.num_cached_tokens`); the windowed groups skip the blocks before
         the hit's window."""
-        if seq.block_table:
-            raise ValueError(f"sequence already holds {len(seq.block_table)} blocks; "
-                             "deallocate it before allocating again")
-        if len(seq) == 0:
-            raise ValueError("cannot allocate blocks for an empty sequence")
-        n = len(seq) if num_tokens is None else num_tokens
-        if num_computed is None:
-            num_computed = len(seq) if num_tokens is None else 0
+        n, num_computed = self._allocate_args(seq, num_tokens, num_computed)
         k, found, hashes = self._hit(seq)
         if not 0 < n <= len(seq) or n < k * self.block_size:
             raise ValueError(f"num_tokens must be in [{k * self.block_size or 1}, {len(seq)}] "
