@@ -468,3 +468,35 @@ def test_kvlab_serve_command_line():
     bad = subprocess.run([*cmd, "serve", "--kv-cache-dtype", "int3"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "int3" in bad.stderr
     assert subprocess.run([*cmd, "launch"], capture_output=True, text=True, timeout=60).returncode == 2
+
+
+def test_the_server_builds_and_steps_its_model_on_one_thread(monkeypatch):
+    """`kvlab serve` loads the model on the thread that later steps it (kvlab.serve.engine_loop.
+    engine_thread): a second thread running torch ops would keep a second OpenMP team, which on a
+    2-core machine slowed every decode step from 18 to 25-27 ms. Checked without a socket: the
+    model build and the app's executor are recorded, uvicorn is not started."""
+    import threading
+
+    import kvlab.engine.llm
+    import kvlab.serve.app
+    import kvlab.serve.cli as cli
+
+    built, served = [], []
+
+    class FakeLLM:
+        def __init__(self, *a, **k):
+            built.append((threading.current_thread(), torch.get_num_threads()))
+
+    monkeypatch.setattr(cli, "load", lambda args: None)
+    monkeypatch.setattr(kvlab.engine.llm, "LLM", FakeLLM)
+    monkeypatch.setattr(kvlab.serve.app, "build_app", lambda llm, *a: served.append(a[-1]) or object())
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: None)
+    before = torch.get_num_threads()
+    try:
+        cli.main(["--threads", "1"])
+    finally:
+        torch.set_num_threads(before)
+    (thread, threads), = built
+    assert thread is not threading.main_thread() and threads == 1
+    assert served[0].submit(threading.current_thread).result() is thread   # the same thread steps it
+    served[0].shutdown()
