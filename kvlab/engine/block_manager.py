@@ -252,7 +252,11 @@ class BlockManager(PoolCounters):
             i = len(chain)
             parent = chain[-1] if chain else (ROOT, None)
             h, tokens, extra = self._block_key(seq, i, parent[0])
-            chain.append((h, self._register(self.blocks[seq.block_table[i]], h, tokens, parent, extra)))
+            chain.append((h, self._register_entry(seq.block_table[i], h, tokens, parent, extra)))
+
+    def _register_entry(self, block_id: int, h: bytes, tokens: tuple, parent: tuple, extra):
+        """Register the block at one table entry; its canonical ref (kv_groups: None for a let-go entry)."""
+        return self._register(self.blocks[block_id], h, tokens, parent, extra)
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block. Only while no sequence holds blocks; returns success."""

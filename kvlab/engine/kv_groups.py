@@ -145,16 +145,10 @@ class _GroupManager(BlockManager):
         if block_id != NO_BLOCK:
             super()._release(block_id)
 
-    def _register_full_blocks(self, seq, num_computed: int) -> None:
-        chain = self._chains.setdefault(seq.seq_id, [])
-        while len(chain) < min(num_computed // self.block_size, len(seq.block_table)):
-            i = len(chain)
-            parent = chain[-1] if chain else (ROOT, None)
-            h, tokens, extra = self._block_key(seq, i, parent[0])
-            if seq.block_table[i] == NO_BLOCK:             # let go before it was registered
-                chain.append((h, None))
-            else:
-                chain.append((h, self._register(self.blocks[seq.block_table[i]], h, tokens, parent, extra)))
+    def _register_entry(self, block_id: int, h: bytes, tokens: tuple, parent: tuple, extra):
+        if block_id == NO_BLOCK:                           # let go before it was registered
+            return None
+        return super()._register_entry(block_id, h, tokens, parent, extra)
 
 
 class HybridBlockManager(PoolCounters):
